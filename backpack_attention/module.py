@@ -1,0 +1,383 @@
+"""The attention module the package is built on, its drop-in for ``nn.MultiheadAttention``,
+and the index map of its parameters.
+
+:class:`MultiheadSelfAttention` owns its parameters directly (no child modules) and takes a
+single input, so BackPACK can hook it and curvlinops can find its parameters. Its forward uses
+PyTorch's fastest attention kernel; derivatives of every order come from closed forms
+(:mod:`backpack_attention.derivatives`), never from differentiating that kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backpack_attention.derivatives.core import ATTENTION_KINDS, LINEAR, probabilities, scores
+from backpack_attention.derivatives.function import softmax_attention
+
+BLOCK_NAMES = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
+
+
+class MultiheadSelfAttention(nn.Module):
+    r"""Multi-head self-attention, numerically identical to ``nn.MultiheadAttention(batch_first=True)``.
+
+    .. math::
+        \mathbf F = \sum_h \mathrm{softmax}\big(\tilde{\mathbf X}\tilde{\mathbf W}_Q^h
+        \tilde{\mathbf W}_K^{h\top}\tilde{\mathbf X}^\top/\sqrt{d_K} + \text{mask}\big)
+        \tilde{\mathbf X}\tilde{\mathbf W}_V^h\mathbf W_O^h + \mathbf 1\mathbf b_O^\top
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: number of heads ``H``; must divide ``E`` (head width ``d_K = E / H``).
+        bias: whether the in- and out-projections have biases.
+        causal: mask future keys (query ``i`` sees keys ``j <= i``).
+        attention: ``"softmax"`` or ``"linear"`` (the paper's softmax-free variant: masked raw
+            scores scaled by ``1/sqrt(d_K)``).
+
+    Parameters (direct attributes, torch layout): ``in_proj_weight [3E, E]``,
+    ``in_proj_bias [3E]``, ``out_proj_weight [E, E]``, ``out_proj_bias [E]``.
+
+    Shapes: ``x [N, L, E] -> [N, L, E]``; ``key_padding_mask`` bool ``[N, L]`` (``True`` =
+    ignore that key); ``attn_mask`` bool ``[L, L]`` (``True`` = query may not attend to key,
+    torch semantics) or a float ``[L, L]`` mask of ``0`` and ``-inf``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        bias: bool = True,
+        causal: bool = False,
+        attention: str = "softmax",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); "
+                f"valid num_heads are {[h for h in range(1, embed_dim + 1) if embed_dim % h == 0]}"
+            )
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.bias = bool(bias)
+        self.causal = bool(causal)
+        self.attention = attention
+        kw = {"device": device, "dtype": dtype}
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        self.out_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **kw))
+        self.out_proj_bias = nn.Parameter(torch.empty(embed_dim, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialise as ``nn.MultiheadAttention`` does."""
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.kaiming_uniform_(self.out_proj_weight, a=math.sqrt(5))
+        if self.bias:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj_bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, bias={self.bias}, "
+            f"causal={self.causal}, attention={self.attention!r}"
+        )
+
+    # ---- input handling -------------------------------------------------------------------
+    def check_input(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> None:
+        """Raise a clear error for malformed inputs, before any computation."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor [N, L, E], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"x must have shape [N, L, E={self.embed_dim}] (batch first), got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if x.dtype != self.in_proj_weight.dtype or x.device != self.in_proj_weight.device:
+            raise TypeError(
+                f"x ({x.dtype}, {x.device}) must match the module's parameters "
+                f"({self.in_proj_weight.dtype}, {self.in_proj_weight.device})"
+            )
+        N, L, _ = x.shape
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError(
+                    "key_padding_mask must be a bool tensor [N, L] (True = ignore that key), got "
+                    + (str(key_padding_mask.dtype) if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__)
+                )
+            if tuple(key_padding_mask.shape) != (N, L):
+                raise ValueError(
+                    f"key_padding_mask must have shape [N, L] = {[N, L]}, got {list(key_padding_mask.shape)}"
+                )
+        if attn_mask is not None:
+            if not isinstance(attn_mask, Tensor) or tuple(attn_mask.shape) != (L, L):
+                raise ValueError(
+                    f"attn_mask must be a tensor of shape [L, L] = {[L, L]}, got "
+                    + (str(list(attn_mask.shape)) if isinstance(attn_mask, Tensor) else type(attn_mask).__name__)
+                )
+            if attn_mask.dtype != torch.bool:
+                if not attn_mask.is_floating_point() or not bool(
+                    ((attn_mask == 0) | (attn_mask == float("-inf"))).all()
+                ):
+                    raise ValueError(
+                        "attn_mask must be bool (True = not allowed) or float with entries 0 and -inf; "
+                        "additive score biases are not supported"
+                    )
+
+    def allowed_mask(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> Optional[Tensor]:
+        """Boolean mask ``[N or 1, 1, L, L]`` of allowed (query, key) pairs, or ``None`` if all are.
+
+        Raises ``ValueError`` if some query may attend to no key at all.
+        """
+        L = x.shape[1]
+        allowed = None
+        if self.causal:
+            allowed = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if attn_mask is not None:
+            extra = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+            allowed = extra if allowed is None else allowed & extra
+        if allowed is not None:
+            allowed = allowed[None, None]
+        if key_padding_mask is not None:
+            keys = (~key_padding_mask)[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
+        if allowed is not None:
+            allowed = allowed.expand(-1, -1, L, L)
+            if not bool(allowed.any(-1).all()):
+                raise ValueError(
+                    "the masks leave some query with no key to attend to (a fully masked row); "
+                    "unmask at least one key per query"
+                )
+        return allowed
+
+    # ---- forward ----------------------------------------------------------------------------
+    def split_heads(self, t: Tensor) -> Tensor:
+        """``[N, L, E] -> [N, H, L, d_K]``."""
+        N, L, _ = t.shape
+        return t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_qkv(self, x: Tensor):
+        """Queries, keys and values ``[N, H, L, d_K]`` (biases included)."""
+        Q, K, V = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.split_heads(Q), self.split_heads(K), self.split_heads(V)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None):
+        self.check_input(x, key_padding_mask, attn_mask)
+        allowed = self.allowed_mask(x, key_padding_mask, attn_mask)
+        Q, K, V = self.project_qkv(x)
+        if self.attention == LINEAR:
+            O = probabilities(scores(Q, K), allowed, LINEAR) @ V
+        else:
+            only_causal = self.causal and key_padding_mask is None and attn_mask is None
+            O = softmax_attention(Q, K, V, allowed, only_causal)
+        N, L, E = x.shape
+        return F.linear(O.transpose(1, 2).reshape(N, L, E), self.out_proj_weight, self.out_proj_bias)
+
+    def attention_weights(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> Tensor:
+        """Attention matrices ``A`` ``[N, H, L, L]`` (math path, differentiable)."""
+        self.check_input(x, key_padding_mask, attn_mask)
+        allowed = self.allowed_mask(x, key_padding_mask, attn_mask)
+        Q, K, _ = self.project_qkv(x)
+        return probabilities(scores(Q, K), allowed, self.attention)
+
+    # ---- conversion -------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, *, causal: bool = False, name: str = "mha"):
+        """Copy an ``nn.MultiheadAttention`` (self-attention, no dropout, no ``bias_k``/``bias_v``)."""
+        check_convertible(mha, name)
+        p = mha.in_proj_weight
+        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, causal=causal,
+                  device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(mha.in_proj_weight)
+            new.out_proj_weight.copy_(mha.out_proj.weight)
+            if new.bias:
+                new.in_proj_bias.copy_(mha.in_proj_bias)
+                new.out_proj_bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
+    def to_torch(self, batch_first: bool = True) -> nn.MultiheadAttention:
+        """An ``nn.MultiheadAttention`` with the same weights (call it with ``is_causal``/masks yourself)."""
+        if self.attention != "softmax":
+            raise ValueError("to_torch: nn.MultiheadAttention has no linear attention")
+        p = self.in_proj_weight
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.bias,
+                                    batch_first=batch_first, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(self.in_proj_weight)
+            mha.out_proj.weight.copy_(self.out_proj_weight)
+            if self.bias:
+                mha.in_proj_bias.copy_(self.in_proj_bias)
+                mha.out_proj.bias.copy_(self.out_proj_bias)
+        mha.train(self.training)
+        return mha
+
+
+def check_convertible(mha: nn.Module, name: str = "mha") -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``mha`` cannot become a :class:`MultiheadSelfAttention`."""
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise TypeError(f"{name}: expected nn.MultiheadAttention, got {type(mha).__name__}")
+    if not mha._qkv_same_embed_dim:
+        raise ValueError(
+            f"{name}: kdim={mha.kdim}, vdim={mha.vdim} differ from embed_dim={mha.embed_dim}; "
+            "only self-attention with kdim == vdim == embed_dim can be converted"
+        )
+    if mha.dropout > 0:
+        raise ValueError(
+            f"{name}: attention dropout={mha.dropout} > 0 makes curvature random; "
+            "set dropout=0.0 (only dropout=0 is accepted)"
+        )
+    if mha.bias_k is not None or mha.bias_v is not None:
+        raise ValueError(f"{name}: add_bias_kv=True is not supported (use add_bias_kv=False)")
+    if mha.add_zero_attn:
+        raise ValueError(f"{name}: add_zero_attn=True is not supported (use add_zero_attn=False)")
+
+
+class SelfAttentionAdapter(nn.Module):
+    """Drop-in for an ``nn.MultiheadAttention`` used as self-attention.
+
+    Same call signature and outputs as ``nn.MultiheadAttention``; the work is done by the
+    child :attr:`attention` (a :class:`MultiheadSelfAttention`, which BackPACK hooks and whose
+    parameters curvature operators take). ``batch_first=False`` inputs ``[L, N, E]`` are
+    transposed to batch-first and back. Calling it with ``key``/``value`` different from
+    ``query`` (cross-attention) raises ``ValueError``.
+    """
+
+    def __init__(self, attention: MultiheadSelfAttention, batch_first: bool = True, name: str = "attention"):
+        super().__init__()
+        self.attention = attention
+        self.batch_first = batch_first
+        self.embed_dim = attention.embed_dim
+        self.num_heads = attention.num_heads
+        self.name = name
+        # Read by nn.TransformerEncoder(Layer) to decide on torch's fused fast path, which
+        # would bypass this module (and BackPACK's hooks). False keeps the fast path off.
+        self._qkv_same_embed_dim = False
+
+    @property
+    def in_proj_weight(self):
+        return self.attention.in_proj_weight
+
+    @property
+    def in_proj_bias(self):
+        return self.attention.in_proj_bias
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, name: str = "mha") -> "SelfAttentionAdapter":
+        return cls(MultiheadSelfAttention.from_torch(mha, name=name), batch_first=mha.batch_first, name=name)
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        return self.attention.to_torch(batch_first=self.batch_first)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key is not query or value is not query:
+            raise ValueError(
+                f"{self.name}: called as cross-attention (key/value are not the query tensor); "
+                "backpack_attention supports self-attention only: call it as attn(x, x, x)"
+            )
+        if is_causal and attn_mask is None:
+            raise ValueError(f"{self.name}: is_causal=True needs attn_mask, as in nn.MultiheadAttention")
+        x = query if self.batch_first else query.transpose(0, 1)
+        out = self.attention(x, key_padding_mask, attn_mask)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        A = self.attention.attention_weights(x, key_padding_mask, attn_mask)
+        return out, (A.mean(1) if average_attn_weights else A)
+
+
+def convert_attention(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``nn.MultiheadAttention`` in ``model`` by a :class:`SelfAttentionAdapter`.
+
+    Outputs are unchanged. Modules that cannot be converted (``kdim``/``vdim`` != ``embed_dim``,
+    dropout > 0, ``add_bias_kv``, ``add_zero_attn``) raise a ``ValueError`` naming them, before
+    anything is replaced. A top-level ``nn.MultiheadAttention`` is returned converted (it cannot
+    be replaced in place). Returns the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.MultiheadAttention):
+        return SelfAttentionAdapter.from_torch(model, name="model")
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for n, m in targets:
+        check_convertible(m, n)
+    for n, m in targets:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SelfAttentionAdapter.from_torch(m, name=n))
+    return model
+
+
+def as_attention(module: nn.Module) -> MultiheadSelfAttention:
+    """The :class:`MultiheadSelfAttention` behind ``module`` (itself, or an adapter's child)."""
+    if isinstance(module, MultiheadSelfAttention):
+        return module
+    if isinstance(module, SelfAttentionAdapter):
+        return module.attention
+    raise TypeError(
+        "expected a backpack_attention.MultiheadSelfAttention (or a converted nn.MultiheadAttention), "
+        f"got {type(module).__name__}; use backpack_attention.convert_attention(model) first"
+    )
+
+
+def param_index(module: nn.Module, name: str, head: Optional[int] = None) -> torch.LongTensor:
+    """Positions of block ``name`` (one head or all) in the concatenation of ``module``'s parameters.
+
+    The concatenation is ``in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias``, each
+    flattened row-major (biases absent when ``bias=False``), i.e. ``torch.cat([p.flatten() for p in
+    module.parameters()])``. SPEC §5.3: ``W_Q^h[a, c]`` is ``in_proj_weight[h*d_K + c, a]``;
+    ``W_O`` of head ``h`` is the columns ``h*d_K:(h+1)*d_K`` of ``out_proj_weight``.
+
+    Args:
+        module: a :class:`MultiheadSelfAttention`, an adapter, or an ``nn.MultiheadAttention``.
+        name: one of ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O``.
+        head: ``None`` (all heads) or a head in ``range(num_heads)``; ``b_O`` has no head.
+
+    Returns:
+        ``LongTensor`` of positions, in torch (row-major) order of the block's entries.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        check_convertible(module, "module")
+        E, H, has_bias = module.embed_dim, module.num_heads, module.in_proj_bias is not None
+    else:
+        m = as_attention(module)
+        E, H, has_bias = m.embed_dim, m.num_heads, m.bias
+    if name not in BLOCK_NAMES:
+        raise ValueError(f"name must be one of {BLOCK_NAMES}, got {name!r}")
+    if name.startswith("b_") and not has_bias:
+        raise ValueError(f"{name}: the module was built with bias=False, so it has no bias blocks")
+    if head is not None and (not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < H):
+        raise ValueError(f"head must be None or an int in range({H}), got {head!r}")
+    if name == "b_O" and head is not None:
+        raise ValueError("b_O is shared by all heads: use head=None")
+    d = E // H
+    heads = range(H) if head is None else [head]
+    slot = {"Q": 0, "K": 1, "V": 2}
+    n_in_w = 3 * E * E
+    n_in_b = 3 * E if has_bias else 0
+    if name in ("W_Q", "W_K", "W_V"):
+        rows = torch.cat([slot[name[-1]] * E + h * d + torch.arange(d) for h in heads])
+        return (rows[:, None] * E + torch.arange(E)[None, :]).reshape(-1)
+    if name in ("b_Q", "b_K", "b_V"):
+        return n_in_w + torch.cat([slot[name[-1]] * E + h * d + torch.arange(d) for h in heads])
+    if name == "W_O":
+        cols = torch.cat([h * d + torch.arange(d) for h in heads])
+        return n_in_w + n_in_b + (torch.arange(E)[:, None] * E + cols[None, :]).reshape(-1)
+    return n_in_w + n_in_b + E * E + torch.arange(E)
