@@ -1,5 +1,7 @@
 """backpack_attention: multi-head self-attention as a first-class citizen of BackPACK and curvlinops."""
 
+from backpack_attention.derivatives.blocks import Block, HessianBlocks, hessian_blocks
+from backpack_attention.derivatives.factors import AttentionFactors, attention_factors
 from backpack_attention.module import (
     MultiheadSelfAttention,
     SelfAttentionAdapter,
@@ -10,6 +12,11 @@ from backpack_attention.module import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionFactors",
+    "Block",
+    "HessianBlocks",
+    "attention_factors",
+    "hessian_blocks",
     "MultiheadSelfAttention",
     "SelfAttentionAdapter",
     "convert_attention",
