@@ -147,11 +147,12 @@ def layer_moments(X: Tensor, w: WeightTerms, allowed, kind: str, r: Tensor) -> M
         Sigma = torch.einsum("nhik,nka,nkb->nhiab", mask, X, X)
         kappa_g = torch.zeros_like(Sigma)
     else:
-        Sigma = torch.einsum("nhik,nka,nkb->nhiab", A, X, X) - M1[..., :, None] * M1[..., None, :]
+        AX = A[..., None] * X[:, None, None, :, :]  # [N, H, L(i), L(k), d']
+        Sigma = AX.transpose(-1, -2) @ X[:, None, None] - M1[..., :, None] * M1[..., None, :]
         g = torch.einsum("hae,nle->nhla", w.U, r)
         Xc = X[:, None, None, :, :] - M1[:, :, :, None, :]  # [N, H, L(i), L(k), d']
         weight = A * torch.einsum("nhika,nhia->nhik", Xc, g)
-        kappa_g = torch.einsum("nhik,nhika,nhikb->nhiab", weight, Xc, Xc)
+        kappa_g = (weight[..., None] * Xc).transpose(-1, -2) @ Xc  # sum_k w_ik (x_k - mu_i)(x_k - mu_i)^T
     return MomentTerms(A, M1, Sigma, kappa_g, q, z)
 
 
