@@ -294,6 +294,8 @@ class SelfAttentionAdapter(nn.Module):
         if is_causal and attn_mask is None:
             raise ValueError(f"{self.name}: is_causal=True needs attn_mask, as in nn.MultiheadAttention")
         x = query if self.batch_first else query.transpose(0, 1)
+        key_padding_mask = _bool_mask(key_padding_mask, "key_padding_mask")
+        attn_mask = _bool_mask(attn_mask, "attn_mask")
         out = self.attention(x, key_padding_mask, attn_mask)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -301,6 +303,18 @@ class SelfAttentionAdapter(nn.Module):
             return out, None
         A = self.attention.attention_weights(x, key_padding_mask, attn_mask)
         return out, (A.mean(1) if average_attn_weights else A)
+
+
+def _bool_mask(mask, name: str):
+    """torch's float masks (0 = keep, -inf = mask out), as nn.TransformerEncoderLayer passes them, to bool."""
+    if mask is None or not isinstance(mask, Tensor) or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point() or not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        raise ValueError(
+            f"{name} must be bool (True = masked) or float with entries 0 and -inf; "
+            "additive attention biases are not supported"
+        )
+    return mask == float("-inf")
 
 
 def convert_attention(model: nn.Module) -> nn.Module:
