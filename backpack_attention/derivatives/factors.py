@@ -202,7 +202,10 @@ class _LayerProbe:
 
 
 def _output_terms(model_func, loss_func, probe: _LayerProbe, X, y, F0: Tensor, out0: Tensor, w: float):
-    """``(r, Lambda, separable, Lambda_exact)`` for one batch, batch weight ``w`` included."""
+    """``(r, Lambda, separable, Lambda_exact)`` for one batch, batch weight ``w`` included.
+
+    ``out0 is F0`` means the layer output is the model output.
+    """
     if out0 is F0 and isinstance(loss_func, nn.MSELoss):
         # The layer output is the model output: closed form, token-separable.
         r = w * torch.func.grad(lambda f: loss_func(f, y))(F0)
@@ -267,9 +270,8 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
                 raise ValueError(f"data: loss_func(model_func(X), y) failed for a batch: {err}") from err
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"loss is not finite ({loss.item()}) on a batch of data")
-            (args, F0) = probe.calls[0]
-            firsts.append((args, out is F0))
-    if len({a[0].shape[1] for a, _ in firsts}) > 1:
+            firsts.append(probe.calls[0][0])
+    if len({args[0].shape[1] for args in firsts}) > 1:
         raise ValueError("data: all batches must have the same sequence length L")
 
     parts = {k: [] for k in ("X", "mom", "r", "Lam", "Lex")}
@@ -280,10 +282,9 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
         x = args[0].detach()
         kpm = args[1] if len(args) > 1 else None
         attn_mask = args[2] if len(args) > 2 else None
-        out0 = F0 if out0 is F0 else out0.detach()
+        is_output = out0 is F0
         F0 = F0.detach()
-        if out0 is not F0 and out0.data_ptr() == F0.data_ptr() and out0.shape == F0.shape:
-            out0 = F0
+        out0 = F0 if is_output else out0.detach()
         w = batch_weight(loss_func, X.shape[0], N_total)
         r, Lam, sep, Lex = _output_terms(model_func, loss_func, probe, X, y, F0, out0, w)
         if separable is None:
