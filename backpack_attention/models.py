@@ -139,8 +139,9 @@ class TinyTransformer(nn.Module):
 def default_problem(seed: int = 0, num_sequences: int = 64, dtype=torch.float64, **model_kwargs):
     """The built-in problem: ``(model, loss_func, (X, y))`` (1 layer, d=16, 2 heads, CE on the answers)."""
     torch.manual_seed(seed)
-    kw = dict(d_model=16, num_heads=2, num_layers=1, init_std=0.8 / 16**0.5, dtype=dtype)
+    kw = dict(d_model=16, num_heads=2, num_layers=1, dtype=dtype)
     kw.update(model_kwargs)
+    kw.setdefault("init_std", 0.8 / kw["d_model"] ** 0.5)
     model = TinyTransformer(**kw)
     X, y = addition_data(num_sequences, seed=1234 + seed)
     return model, nn.CrossEntropyLoss(), (X, y)

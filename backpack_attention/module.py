@@ -279,7 +279,8 @@ class SelfAttentionAdapter(nn.Module):
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, name: str = "mha") -> "SelfAttentionAdapter":
-        return cls(MultiheadSelfAttention.from_torch(mha, name=name), batch_first=mha.batch_first, name=name)
+        adapter = cls(MultiheadSelfAttention.from_torch(mha, name=name), batch_first=mha.batch_first, name=name)
+        return adapter.train(mha.training)
 
     def to_torch(self) -> nn.MultiheadAttention:
         return self.attention.to_torch(batch_first=self.batch_first)

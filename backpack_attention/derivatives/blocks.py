@@ -89,11 +89,6 @@ def _jtlj_separable(f1: _Factor, f2: _Factor, Lam: Tensor) -> Tensor:
     return out.reshape(f1.size, f2.size)
 
 
-def _jtlj_dense(f1: _Factor, f2: _Factor, Lam: Tensor) -> Tensor:
-    r""":math:`\sum_n\mathbf J_{1,n}^\top\boldsymbol\Lambda_n\mathbf J_{2,n}` for dense ``Lam`` ``[N, L, E, L, E]``."""
-    return torch.einsum("nles,nlemf,nmft->st", f1.dense(), Lam, f2.dense())
-
-
 class HessianBlocks:
     """Lazy mapping ``((name1, head1), (name2, head2)) -> Block`` of one attention layer.
 
@@ -133,11 +128,32 @@ class HessianBlocks:
             return _Factor("left", f.moments.z[:, h], eye.expand(N, L, E, E))
         return _Factor("left", torch.ones_like(f.loss.r[..., :1]), eye.expand(N, L, E, E))
 
-    def _outer(self, g1, g2, Lam) -> Tensor:
-        f1, f2 = self._factor(g1), self._factor(g2)
-        if self.factors.loss.separable:
-            return _jtlj_separable(f1, f2, Lam)
-        return _jtlj_dense(f1, f2, Lam)
+    def _outer(self, g1, g2, which: str = "Lambda") -> Tensor:
+        r""":math:`\mathbf J_{g_1}^\top\boldsymbol\Lambda\mathbf J_{g_2}` for ``which`` in ``Lambda``, ``Lambda_exact``."""
+        loss = self.factors.loss
+        if loss.separable:
+            return _jtlj_separable(self._factor(g1), self._factor(g2), getattr(loss, which))
+        J1 = self._dense_jacobian(g1)
+        LJ2 = self._lambda_jacobian(g2, which)
+        return torch.einsum("nks,nkt->st", J1, LJ2)
+
+    def _dense_jacobian(self, group) -> Tensor:
+        """``[N, L E, size]`` Jacobian of the layer output w.r.t. one group (cached)."""
+        key = ("J", group)
+        if key not in self._cache:
+            J = self._factor(group).dense()
+            self._cache[key] = J.reshape(J.shape[0], -1, J.shape[-1])
+        return self._cache[key]
+
+    def _lambda_jacobian(self, group, which: str) -> Tensor:
+        r""":math:`\boldsymbol\Lambda_n\mathbf J_{g,n}` ``[N, L E, size]`` for dense ``Lambda`` (cached)."""
+        key = (which, group)
+        if key not in self._cache:
+            Lam = getattr(self.factors.loss, which)
+            N = Lam.shape[0]
+            LE = Lam.shape[1] * Lam.shape[2]
+            self._cache[key] = Lam.reshape(N, LE, LE) @ self._dense_jacobian(group)
+        return self._cache[key]
 
     def _layer_functional(self, g1, g2) -> Tensor:
         r"""The layer's own term :math:`\sum_i\mathbf r_i^\top\partial^2\mathbf F_i/\partial g_1\partial g_2`."""
@@ -184,11 +200,10 @@ class HessianBlocks:
         """The block between two parameter groups, in paper layout (cached)."""
         key = (g1, g2)
         if key not in self._cache:
-            loss = self.factors.loss
-            outer = self._outer(g1, g2, loss.Lambda)
+            outer = self._outer(g1, g2)
             functional = self._layer_functional(g1, g2)
-            if loss.Lambda_exact is not None:
-                functional = functional + self._outer(g1, g2, loss.Lambda_exact - loss.Lambda)
+            if self.factors.loss.Lambda_exact is not None:  # curvature of the network above
+                functional = functional + (self._outer(g1, g2, "Lambda_exact") - outer)
             self._cache[key] = Block(outer, functional)
         return self._cache[key]
 

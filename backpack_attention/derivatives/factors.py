@@ -286,7 +286,8 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
         F0 = F0.detach()
         out0 = F0 if is_output else out0.detach()
         w = batch_weight(loss_func, X.shape[0], N_total)
-        r, Lam, sep, Lex = _output_terms(model_func, loss_func, probe, X, y, F0, out0, w)
+        with torch.no_grad():  # torch.func transforms still differentiate; no graph on the parameters
+            r, Lam, sep, Lex = _output_terms(model_func, loss_func, probe, X, y, F0, out0, w)
         if separable is None:
             separable = sep
         elif separable != sep:
