@@ -20,5 +20,21 @@ __all__ = [
     "MultiheadSelfAttention",
     "SelfAttentionAdapter",
     "convert_attention",
+    "extend",
+    "extensions",
     "param_index",
 ]
+
+
+def __getattr__(name):
+    # BackPACK support is imported on first use (``ba.extend``, ``ba.extensions``), so importing
+    # the package does not import BackPACK.
+    if name == "extend":
+        from backpack_attention.backpack_ext import extend
+
+        return extend
+    if name == "extensions":
+        import importlib
+
+        return importlib.import_module("backpack_attention.extensions")
+    raise AttributeError(f"module 'backpack_attention' has no attribute {name!r}")
