@@ -224,3 +224,32 @@ def test_non_finite_loss_rejected():
     X, Y = torch.randn(2, 3, 4, dtype=DT), torch.randn(2, 3, 4, dtype=DT)
     with pytest.raises(ValueError, match="not finite"):
         hessian_blocks(model, nn.MSELoss(), model.attn, (X, Y))
+
+
+def test_converted_transformer_encoder_layer_against_original_mha():
+    """Blocks of a converted nn.TransformerEncoderLayer equal torch.func on the original (math kernel)."""
+    import copy
+
+    from backpack_attention import convert_attention
+
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True, dtype=DT)
+    randomize(layer, 0.6)
+
+    class Net(nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc, self.mask = enc, nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+
+        def forward(self, x):
+            return self.enc(x, src_mask=self.mask, is_causal=True)
+
+    original = Net(layer)
+    converted = convert_attention(copy.deepcopy(original))
+    X, Y = torch.randn(2, 5, 4, dtype=DT), torch.randn(2, 5, 4, dtype=DT)
+    mha = original.enc.self_attn
+    params = [mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias]
+    H, G = dense_hessian_and_ggn(original, nn.MSELoss(), params, [(X, Y)])
+    blocks = hessian_blocks(converted, nn.MSELoss(), converted.enc.self_attn, (X, Y))
+    assert rel_err(blocks.matrix("full"), H) < TOL
+    assert rel_err(blocks.matrix("outer"), G) < TOL

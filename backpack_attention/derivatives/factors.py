@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacrev, jvp, vmap
 
 from backpack_attention.derivatives.core import LINEAR, attention_matrix
 from backpack_attention.derivatives.loss import batch_weight, check_loss, loss_hessian_mp
@@ -226,7 +226,9 @@ def _output_terms(model_func, loss_func, probe: _LayerProbe, X, y, F0: Tensor, o
     Jt = vmap(lambda t: jvp(model_out, (F0,), (t,))[1])(basis)  # [LE, *out.shape]
     HJt = loss_hessian_mp(loss_func, out0, y, Jt)
     Lam = torch.einsum("bnk,cnk->nbc", Jt.reshape(L * E, N, -1), HJt.reshape(L * E, N, -1))
-    Hex = vmap(lambda t: jvp(grad(loss_of), (F0,), (t,))[1])(basis)  # [LE, N, L, E]
+    # jacrev, not grad: torch's forward-mode rule of mse_loss_backward fails on grad's unbatched
+    # unit cotangent ("ZeroTensors are immutable", torch 2.15); jacrev's batched one is fine.
+    Hex = vmap(lambda t: jvp(jacrev(loss_of), (F0,), (t,))[1])(basis)  # [LE, N, L, E]
     Lam_ex = Hex.reshape(L * E, N, L * E).transpose(0, 1)
     return r, w * Lam.reshape(N, L, E, L, E), False, w * Lam_ex.reshape(N, L, E, L, E)
 
