@@ -2,6 +2,8 @@
 
 from backpack_attention.derivatives.blocks import Block, HessianBlocks, hessian_blocks
 from backpack_attention.derivatives.factors import AttentionFactors, attention_factors
+from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
+from backpack_attention.spectra import attention_block_eigenvalues
 from backpack_attention.module import (
     MultiheadSelfAttention,
     SelfAttentionAdapter,
@@ -12,6 +14,9 @@ from backpack_attention.module import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionGGNLinearOperator",
+    "AttentionHessianLinearOperator",
+    "attention_block_eigenvalues",
     "AttentionFactors",
     "Block",
     "HessianBlocks",

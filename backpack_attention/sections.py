@@ -84,3 +84,11 @@ def _heatmap(hb, module):
 def growth(ctx: ReportContext) -> SectionResult:
     md, results = ctx.cached("growth", lambda: growth_summary(num_sequences=8, seed=ctx.options.seed))
     return SectionResult(md, [Figure("hessian_growth.png", "block norms vs embedding scale", lambda: sweep_figure(results))])
+
+
+@register_section("spectra", "Attention block spectra (Lanczos on the exact operators)", order=60)
+def spectra(ctx: ReportContext) -> SectionResult:
+    from backpack_attention.spectra import report_section
+
+    sec = report_section(ctx)
+    return SectionResult(sec["markdown"], [Figure(sec["figure_name"], "extreme eigenvalues per block", sec["draw"])])

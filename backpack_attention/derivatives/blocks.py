@@ -104,13 +104,19 @@ class HessianBlocks:
         self.H, self.dk = f.num_heads, f.head_dim
         self.E = f.loss.r.shape[-1]
         self._cache = {}
-        s = 1.0 / math.sqrt(self.dk)
-        w, mo = f.weights, f.moments
-        C = torch.einsum("hae,nhiab->nhieb", w.U, mo.Sigma) * s  # U^T Sigma_i / sqrt(d_K)
-        self._C = C
-        self._B = torch.einsum("nhieb,hbc->nhiec", C, w.W_K)  # U^T Sigma_i W_K / sqrt(d_K)
-        self._rho = torch.einsum("hce,nle->nhlc", w.W_O, f.loss.r)  # head-output gradients
-        self._g = torch.einsum("hae,nle->nhla", w.U, f.loss.r)
+        self._head_terms = {}
+
+    def _terms(self, h: int):
+        """Per-head ``(C, B, rho, g)``, computed on first use (only the heads a block needs)."""
+        if h not in self._head_terms:
+            f, s = self.factors, 1.0 / math.sqrt(self.dk)
+            w, mo, r = f.weights, f.moments, f.loss.r
+            C = torch.einsum("ae,niab->nieb", w.U[h], mo.Sigma[:, h]) * s  # U^T Sigma_i / sqrt(d_K)
+            B = C @ w.W_K[h]  # U^T Sigma_i W_K / sqrt(d_K)
+            rho = torch.einsum("ce,nle->nlc", w.W_O[h], r)  # head-output gradient
+            g = torch.einsum("ae,nle->nla", w.U[h], r)
+            self._head_terms[h] = (C, B, rho, g)
+        return self._head_terms[h]
 
     # ---- group algebra ------------------------------------------------------------------------
     def _factor(self, group) -> _Factor:
@@ -119,9 +125,9 @@ class HessianBlocks:
         E = self.E
         eye = torch.eye(E, dtype=f.loss.r.dtype, device=f.loss.r.device)
         if kind == "Q":
-            return _Factor("left", f.data.X, self._B[:, h])
+            return _Factor("left", f.data.X, self._terms(h)[1])
         if kind == "K":
-            return _Factor("right", self._C[:, h], f.moments.q[:, h])
+            return _Factor("right", self._terms(h)[0], f.moments.q[:, h])
         if kind == "V":
             return _Factor("left", f.moments.M1[:, h], f.weights.W_O[h].T.expand(N, L, E, self.dk))
         if kind == "O":
@@ -168,14 +174,14 @@ class HessianBlocks:
         s, dk = 1.0 / math.sqrt(self.dk), self.dk
         X, w, mo = f.data.X, f.weights, f.moments
         Wk, Wv = w.W_K[h], w.W_V[h]
-        P, Sig, q, r, rho = mo.kappa_g[:, h], mo.Sigma[:, h], mo.q[:, h], f.loss.r, self._rho[:, h]
+        P, Sig, q, r, rho = mo.kappa_g[:, h], mo.Sigma[:, h], mo.q[:, h], f.loss.r, self._terms(h)[2]
         if (k1, k2) == ("Q", "Q"):
             out = torch.einsum("nla,nlb,nlcd->acbd", X, X, torch.einsum("xc,nlxy,yd->nlcd", Wk, P, Wk)) / dk
         elif (k1, k2) == ("K", "K"):
             out = torch.einsum("nlab,nlc,nld->acbd", P, q, q) / dk
         elif (k1, k2) == ("Q", "K"):
             WkP = torch.einsum("xc,nlxb->nlcb", Wk, P)
-            G = torch.einsum("nla,nlbc,nlc->ab", X, Sig, self._g[:, h])
+            G = torch.einsum("nla,nlbc,nlc->ab", X, Sig, self._terms(h)[3])
             eye = torch.eye(dk, dtype=X.dtype, device=X.device)
             out = torch.einsum("nla,nlcb,nld->acbd", X, WkP, q) / dk + s * torch.einsum("ab,cd->acbd", G, eye)
         elif (k1, k2) == ("Q", "V"):

@@ -1,0 +1,246 @@
+"""Eigenvalues of attention curvature blocks: per layer, per block (Q, K, V, O), per head, per part.
+
+:func:`attention_block_eigenvalues` runs, for each attention layer, one
+:class:`~backpack_attention.operators.AttentionHessianLinearOperator` over that layer's
+parameters (its per-batch cache is shared by all blocks, heads and parts of the layer) and takes
+``SubmatrixLinearOperator`` views of the blocks given by :func:`~backpack_attention.param_index`.
+Eigenvalues come from a dense eigendecomposition for small blocks and from ``scipy.sparse.linalg.eigsh``
+(implicitly restarted Lanczos, fully re-orthogonalised) otherwise. :func:`plot_block_spectra`
+draws them; :func:`report_section` packages both for ``backpack-attention report``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+from torch import nn
+
+from backpack_attention._compat import SubmatrixLinearOperator
+from backpack_attention.module import BLOCK_NAMES, MultiheadSelfAttention, param_index
+from backpack_attention.operators import PARTS, AttentionHessianLinearOperator
+
+DEFAULT_BLOCKS = ("W_Q", "W_K", "W_V", "W_O")
+
+
+def _attention_layers(model: nn.Module):
+    return [(n or "<model>", m) for n, m in model.named_modules() if isinstance(m, MultiheadSelfAttention)]
+
+
+def _block_eigs(op, n: int, k: int, which: Sequence[str], dense_max: int, tol: float, seed: int,
+                dense_fallback_max: int = 2048) -> Dict[str, np.ndarray]:
+    """``k`` extreme eigenvalues per entry of ``which`` ("LA": largest, "SA": smallest), sorted descending."""
+    k = min(k, n)
+    if n <= dense_max or k >= n - 1:
+        D = (op @ torch.eye(n, dtype=op.dtype, device=op.device)).detach().cpu().double()
+        ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
+        return {w: np.sort(ev[-k:] if w == "LA" else ev[:k])[::-1] for w in which}
+    A = op.to_scipy(dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    if np.linalg.norm(A.matvec(v0)) == 0.0:  # an exactly zero block (e.g. functional (V, V))
+        return {w: np.zeros(k) for w in which}
+    out = {}
+    for w in which:
+        try:
+            ev = eigsh(A, k=k, which=w, v0=v0, tol=tol, maxiter=max(20 * n, 1000), return_eigenvectors=False)
+        except ArpackNoConvergence:  # e.g. "SA" of a PSD block with a cluster of zero eigenvalues
+            if n > dense_fallback_max:
+                raise
+            return _block_eigs(op, n, k, which, n, tol, seed)
+        out[w] = np.sort(ev)[::-1]
+    return out
+
+
+def attention_block_eigenvalues(
+    model: nn.Module,
+    loss_func,
+    data,
+    k: int = 5,
+    *,
+    layers: Optional[Sequence[int]] = None,
+    blocks: Sequence[str] = DEFAULT_BLOCKS,
+    per_head: bool = True,
+    parts: Sequence[str] = PARTS,
+    which: Sequence[str] = ("LA",),
+    dense_max: int = 512,
+    tol: float = 0.0,
+    seed: int = 0,
+    **operator_kwargs,
+) -> List[Dict]:
+    """Top-``k`` eigenvalues of each attention block of each layer, per head and per part.
+
+    Args:
+        model, loss_func, data: as for :class:`~backpack_attention.operators.AttentionHessianLinearOperator`.
+        k: eigenvalues per block (and per entry of ``which``).
+        layers: indices into the model's :class:`MultiheadSelfAttention` modules (in
+            ``named_modules`` order); ``None`` = all.
+        blocks: names from ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O``.
+        per_head: add one row per head (``W_O`` of head ``h`` = its ``d_K`` input columns) besides the
+            whole block (``head=None``).
+        parts: any of ``"outer"`` (GGN), ``"functional"``, ``"full"``.
+        which: ``"LA"`` (largest algebraic) and/or ``"SA"`` (smallest algebraic; the functional and full
+            parts are indefinite).
+        dense_max: blocks of at most this size are decomposed densely (exact); larger ones use ``eigsh``.
+        tol: ``eigsh`` tolerance (0 = machine precision). seed: ``eigsh`` start vector seed.
+        operator_kwargs: passed to the operator (``check_deterministic``, ``num_data``, ...).
+
+    Returns:
+        A list of dicts (one per layer, block, head, part, which) with keys ``layer`` (index),
+        ``layer_name``, ``block``, ``head`` (``None`` = all heads), ``part``, ``which``, ``size``,
+        ``eigenvalues`` (list of floats, descending).
+    """
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    bad = [b for b in blocks if b not in BLOCK_NAMES]
+    if bad:
+        raise ValueError(f"blocks: {bad} are not block names; accepted: {BLOCK_NAMES}")
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"parts: {bad} are not parts; accepted: {PARTS}")
+    bad = [w for w in which if w not in ("LA", "SA")]
+    if bad:
+        raise ValueError(f"which: {bad}; accepted: 'LA', 'SA'")
+    all_layers = _attention_layers(model)
+    if not all_layers:
+        raise ValueError("model contains no backpack_attention.MultiheadSelfAttention (use convert_attention(model))")
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    for i in chosen:
+        if not (isinstance(i, int) and 0 <= i < len(all_layers)):
+            raise ValueError(f"layers: {i!r} is not in range({len(all_layers)})")
+    rows: List[Dict] = []
+    for li in chosen:
+        name, mod = all_layers[li]
+        params = list(mod.parameters())
+        op = AttentionHessianLinearOperator(model, loss_func, params, data, **operator_kwargs)
+        for block in blocks:
+            if block.startswith("b_") and not mod.bias:
+                continue
+            heads = [None] + (list(range(mod.num_heads)) if per_head and block != "b_O" else [])
+            for head in heads:
+                idx = param_index(mod, block, head).tolist()
+                for part in parts:
+                    op.part = part  # the operator's batch cache holds both GGN and Hessian terms
+                    sub = SubmatrixLinearOperator(op, idx, idx)
+                    evs = _block_eigs(sub, len(idx), k, which, dense_max, tol, seed)
+                    for w, ev in evs.items():
+                        rows.append({"layer": li, "layer_name": name, "block": block, "head": head,
+                                     "part": part, "which": w, "size": len(idx),
+                                     "eigenvalues": [float(e) for e in ev]})
+    return rows
+
+
+def format_table(rows: List[Dict], digits: int = 4) -> str:
+    """Markdown table of :func:`attention_block_eigenvalues` rows."""
+    lines = ["| layer | block | head | part | which | size | eigenvalues |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ev = ", ".join(f"{e:.{digits}g}" for e in r["eigenvalues"])
+        head = "all" if r["head"] is None else r["head"]
+        lines.append(f"| {r['layer_name']} | {r['block']} | {head} | {r['part']} | {r['which']} | {r['size']} | {ev} |")
+    return "\n".join(lines)
+
+
+def plot_block_spectra(rows: List[Dict], path: Optional[str] = None, title: Optional[str] = None):
+    """Scatter the eigenvalues per (layer, block, head), one panel per part (symlog y axis).
+
+    Returns the matplotlib figure; saves it to ``path`` if given.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in PARTS if any(r["part"] == p for r in rows)]
+    labels = []
+    for r in rows:
+        lab = f"L{r['layer']} {r['block']}" + ("" if r["head"] is None else f" h{r['head']}")
+        if lab not in labels:
+            labels.append(lab)
+    fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.35 * len(labels) + 2), 2.6 * len(parts)),
+                             squeeze=False, sharex=True)
+    for ax, part in zip(axes[:, 0], parts):
+        for r in rows:
+            if r["part"] != part:
+                continue
+            lab = f"L{r['layer']} {r['block']}" + ("" if r["head"] is None else f" h{r['head']}")
+            x = labels.index(lab)
+            ax.scatter([x] * len(r["eigenvalues"]), r["eigenvalues"], s=12,
+                       c="C0" if r["which"] == "LA" else "C3", alpha=0.8)
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel(f"{part}\neigenvalue")
+    axes[-1, 0].set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+FIGURE_NAME = "attention_block_spectra.png"
+
+
+def report_section(context) -> Dict:
+    """Markdown and figure for the "attention curvature spectra" section of ``backpack-attention report``.
+
+    Args:
+        context: either a dict or a ``backpack_attention.report.ReportContext``.
+
+            * dict keys: ``model``, ``loss_func``, ``data`` (required; as for
+              :func:`attention_block_eigenvalues`), ``out_dir`` (directory for the figure, created if
+              needed; ``None``/absent = do not save), and optional ``k`` (default 5), ``layers``,
+              ``blocks`` (default Q, K, V, O), ``per_head`` (default ``False``, to keep the table
+              short), ``parts``, ``which`` (default ``("LA", "SA")``), ``operator_kwargs`` (dict for
+              the operator, e.g. ``{"check_deterministic": False}``).
+            * a ``ReportContext`` (attributes ``model``, ``loss_func``, ``data``): the defaults above.
+              No figure is saved; use the returned ``draw``.
+
+    Returns:
+        A dict with ``markdown`` (str: intro, figure link, table), ``figures`` (list of saved paths),
+        ``figure_name`` (``"attention_block_spectra.png"``), ``draw`` (a function returning the
+        matplotlib figure, e.g. for the report's ``Figure(name, caption, draw)``) and ``rows``.
+
+    To register it as a report section (in a section module)::
+
+        @register_section("spectra", "Attention block spectra", order=60)
+        def spectra(ctx):
+            sec = report_section(ctx)
+            return SectionResult(sec["markdown"], [Figure(sec["figure_name"], "extreme eigenvalues", sec["draw"])])
+    """
+    if not isinstance(context, dict):
+        context = {"model": context.model, "loss_func": context.loss_func, "data": context.data}
+    missing = [key for key in ("model", "loss_func", "data") if key not in context]
+    if missing:
+        raise ValueError(f"context is missing {missing}; required keys: model, loss_func, data (and out_dir to save)")
+    rows = attention_block_eigenvalues(
+        context["model"], context["loss_func"], context["data"], context.get("k", 5),
+        layers=context.get("layers"), blocks=context.get("blocks", DEFAULT_BLOCKS),
+        per_head=context.get("per_head", False), parts=context.get("parts", PARTS),
+        which=context.get("which", ("LA", "SA")), **context.get("operator_kwargs", {}),
+    )
+
+    def draw():
+        return plot_block_spectra(rows, title="Attention curvature blocks: extreme eigenvalues")
+
+    figures = []
+    if context.get("out_dir") is not None:
+        os.makedirs(context["out_dir"], exist_ok=True)
+        path = os.path.join(context["out_dir"], FIGURE_NAME)
+        fig = draw()
+        fig.savefig(path, dpi=120)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        figures.append(path)
+    md = (
+        "Extreme eigenvalues (largest `LA`, smallest `SA`) of each attention layer's Q, K, V and O blocks, "
+        "for the outer-product part (GGN), the functional part (Hessian − GGN) and the full Hessian, "
+        "computed matrix-free with `AttentionHessianLinearOperator` (dense for small blocks, `eigsh` "
+        "otherwise). The functional (V, V) and (W_O, W_O) blocks are exactly zero.\n\n"
+        + (f"![attention block spectra]({FIGURE_NAME})\n\n" if figures else "")
+        + format_table(rows) + "\n"
+    )
+    return {"markdown": md, "figures": figures, "figure_name": FIGURE_NAME, "draw": draw, "rows": rows}

@@ -1,0 +1,195 @@
+"""Benchmark: attention GGN / Hessian products and eigsh, ours vs curvlinops.
+
+Setup: float32, d=64, 4 heads, N=32 sequences, L in {64, 256}; a 2-block pre-LN transformer
+(``models.TinyTransformer``: attention + MLP + residuals, token-level cross-entropy over all
+positions); ``params`` = all parameters of both attention layers. curvlinops' operators run
+under ``sdpa_kernel(SDPBackend.MATH)`` (they need forward-mode AD through attention); ours run
+with the fused kernel. Times are medians of ``--repeats`` runs after one warm-up; ratios are to
+one gradient (loss + backward for the same params, fused kernel): the median over repeats of
+(product time / gradient time), each gradient timed right before the product (robust to load drift
+on shared machines).
+
+    python benchmarks/operators.py            # full run (a few minutes), writes docs/benchmarks.md
+    python benchmarks/operators.py --quick    # seconds, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from backpack_attention._compat import CURVLINOPS_VERSION, curvlinops_operator
+from backpack_attention.models import TinyTransformer
+from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
+
+
+class ClassesSecond(nn.Module):
+    """``[N, L, C] -> [N, C, L]`` for token-level ``nn.CrossEntropyLoss``."""
+
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def problem(L: int, N: int, d: int, heads: int, layers: int, vocab: int = 16):
+    torch.manual_seed(0)
+    net = TinyTransformer(vocab=vocab, d_model=d, num_heads=heads, num_layers=layers, max_len=L,
+                          answer_only=False, norm="pre", dtype=torch.float32)
+    model = nn.Sequential(net, ClassesSecond()).eval()
+    X = torch.randint(0, vocab, (N, L))
+    y = torch.randint(0, vocab, (N, L))
+    params = [p for a in net.attention_layers() for p in a.parameters()]
+    return model, nn.CrossEntropyLoss(), params, [(X, y)]
+
+
+def median_time(f, repeats: int, reference=None):
+    """Median time of ``f`` after a warm-up; with ``reference`` (a function), also the median of
+    the per-repeat ratios ``time(f) / time(reference)``, timed back to back (robust to load drift)."""
+    f()  # warm-up
+    ts, ratios = [], []
+    for _ in range(repeats):
+        if reference is not None:
+            t = time.perf_counter()
+            reference()
+            tr = time.perf_counter() - t
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+        if reference is not None:
+            ratios.append(ts[-1] / tr)
+    if reference is None:
+        return statistics.median(ts)
+    return statistics.median(ts), statistics.median(ratios)
+
+
+def eigsh_run(op, v0, k, tol, ctx=None):
+    """Top-k (largest algebraic) eigenvalues; returns (seconds, number of matvecs)."""
+    A = op.to_scipy(dtype=np.float32)
+    count = [0]
+
+    def mv(x):
+        count[0] += 1 if x.ndim == 1 else x.shape[1]
+        return A.matvec(x)
+
+    B = LinearOperator(A.shape, matvec=mv, dtype=np.float32)
+    t = time.perf_counter()
+    if ctx is None:
+        eigsh(B, k=k, which="LA", v0=v0, tol=tol, return_eigenvectors=False)
+    else:
+        with ctx():
+            eigsh(B, k=k, which="LA", v0=v0, tol=tol, return_eigenvectors=False)
+    return time.perf_counter() - t, count[0]
+
+
+def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, do_eigsh=True):
+    model, loss_func, params, data = problem(L, N, d, heads, layers)
+    (X, y), = data
+    P = sum(p.numel() for p in params)
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0))
+    row = {"L": L, "P": P}
+
+    def gradient():
+        torch.autograd.grad(loss_func(model(X), y), params)
+
+    row["grad"] = median_time(gradient, repeats)
+    math = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731
+    with math():
+        Gc = curvlinops_operator("ggn", model, loss_func, params, data, check_deterministic=False)
+        Hc = curvlinops_operator("hessian", model, loss_func, params, data, check_deterministic=False)
+        row["cl_ggn"], row["r_cl_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
+        row["cl_hess"], row["r_cl_hess"] = median_time(lambda: Hc @ v, repeats, gradient)
+    G = AttentionGGNLinearOperator(model, loss_func, params, data, check_deterministic=False)
+    H = AttentionHessianLinearOperator(model, loss_func, params, data, check_deterministic=False)
+    t = time.perf_counter()
+    G @ v  # first product builds the per-batch cache
+    row["ggn_first"] = time.perf_counter() - t
+    row["ggn"], row["r_ggn"] = median_time(lambda: G @ v, repeats, gradient)
+    t = time.perf_counter()
+    H @ v
+    row["hess_first"] = time.perf_counter() - t
+    row["hess"], row["r_hess"] = median_time(lambda: H @ v, repeats, gradient)
+    if do_eigsh:
+        v0 = np.random.default_rng(0).standard_normal(P).astype(np.float32)
+        G.clear_cache()  # include the cache build in our eigsh time
+        row["eig"], row["eig_mv"] = eigsh_run(G, v0, eig_k, eig_tol)
+        row["cl_eig"], row["cl_eig_mv"] = eigsh_run(Gc, v0, eig_k, eig_tol, ctx=math)
+    return row
+
+
+def fmt_table(rows, eig_k):
+    head = ("| L | P | gradient | curvlinops GGN | curvlinops Hessian | ours GGN (first) | ours Hessian (first) "
+            f"| eigsh top-{eig_k} GGN: curvlinops | ours | speed-up |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        g = r["grad"]
+        x = lambda k: f"{r[k] * 1e3:.1f} ms ({r['r_' + k]:.2f}×)"  # noqa: E731
+        eig = ("| – | – | – |" if "eig" not in r else
+               f"| {r['cl_eig']:.2f} s ({r['cl_eig_mv']} mv) | {r['eig']:.2f} s ({r['eig_mv']} mv) | "
+               f"{r['cl_eig'] / r['eig']:.1f}× |")
+        lines.append(f"| {r['L']} | {r['P']} | {g * 1e3:.1f} ms (1×) | {x('cl_ggn')} | {x('cl_hess')} | "
+                     f"{x('ggn')} ({r['ggn_first'] * 1e3:.0f} ms) | {x('hess')} ({r['hess_first'] * 1e3:.0f} ms) {eig}")
+    return "\n".join(lines)
+
+
+def fmt_targets(rows):
+    """Whether the targets (GGN <= 1.5x, Hessian <= 2.5x a gradient, eigsh >= 5x faster) are met."""
+    out = ["", "Targets (per L): GGN-vector product ≤ 1.5× a gradient, Hessian ≤ 2.5×, eigsh ≥ 5× faster than curvlinops.", ""]
+    for r in rows:
+        ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+        line = (f"- L={r['L']}: GGN {r['r_ggn']:.2f}× ({ok(r['r_ggn'] <= 1.5)}), "
+                f"Hessian {r['r_hess']:.2f}× ({ok(r['r_hess'] <= 2.5)})")
+        if "eig" in r:
+            sp = r["cl_eig"] / r["eig"]
+            line += f", eigsh speed-up {sp:.1f}× ({ok(sp >= 5)})"
+        out.append(line)
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds; prints only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--eig-k", type=int, default=5)
+    ap.add_argument("--eig-tol", type=float, default=1e-3)
+    ap.add_argument("--output", default="docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        cfg = dict(N=4, d=16, heads=4, layers=args.layers, repeats=3)
+        lengths = [16]
+    else:
+        cfg = dict(N=32, d=64, heads=4, layers=args.layers, repeats=args.repeats)
+        lengths = args.lengths
+    rows = []
+    for L in lengths:
+        rows.append(run(L, eig_k=args.eig_k, eig_tol=args.eig_tol, **cfg))
+        print(fmt_table(rows[-1:], args.eig_k), flush=True)
+    table = fmt_table(rows, args.eig_k)
+    info = (f"- command: `python benchmarks/operators.py{' --quick' if args.quick else ''}` "
+            f"(threads={args.threads}, repeats={cfg['repeats']}, eigsh tol={args.eig_tol}, fixed v0)\n"
+            f"- machine: {platform.processor() or platform.machine()}, {platform.platform()}, "
+            f"torch.get_num_threads()={torch.get_num_threads()}\n"
+            f"- versions: python {platform.python_version()}, torch {torch.__version__}, curvlinops {CURVLINOPS_VERSION}\n"
+            f"- model: {cfg['layers']}-block pre-LN TinyTransformer, d={cfg['d']}, {cfg['heads']} heads, "
+            f"N={cfg['N']}, float32, token-level CE; params = all attention parameters\n")
+    print(table)
+    print(fmt_targets(rows))
+    if not args.quick:
+        with open(args.output, "w") as f:
+            f.write("# Operator benchmarks\n\n" + info + "\n" + table + "\n" + fmt_targets(rows) + "\n")
+        print(f"wrote {args.output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
