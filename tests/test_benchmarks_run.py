@@ -1,0 +1,26 @@
+"""The benchmark scripts keep running (tiny settings; their timings are not asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_operators_benchmark_quick():
+    out = _run("benchmarks/operators.py", "--quick")
+    assert "eigsh" in out and "curvlinops" in out
+
+
+def test_backpack_benchmark_tiny(tmp_path):
+    report = tmp_path / "bp.md"
+    _run("benchmarks/backpack_extensions.py", "--repeats", "1", "--warmup", "0", "--sizes", "4x8x2",
+         "--out", str(report))
+    text = report.read_text()
+    assert "DiagGGNExact" in text and "KFAC" in text
