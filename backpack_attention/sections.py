@@ -6,7 +6,6 @@ module through :data:`backpack_attention.report.SECTION_MODULES`.
 
 from __future__ import annotations
 
-import math
 
 import torch
 

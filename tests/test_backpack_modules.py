@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from backpack import backpack
 from torch import nn
 from torch.func import functional_call, hessian, jacrev

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from backpack_attention.derivatives.factors import AttentionFactors, attention_factors
-from backpack_attention.module import BLOCK_NAMES, as_attention, param_index
+from backpack_attention.module import BLOCK_NAMES, param_index
 
 PARTS = ("outer", "functional", "full")
 
@@ -216,7 +216,7 @@ class HessianBlocks:
     # ---- torch layout -------------------------------------------------------------------------
     def _locate(self, positions: Tensor):
         """Map positions in the module's parameter concatenation to ``(group, local index)``."""
-        E, H, dk, bias = self.E, self.H, self.dk, self.module.bias
+        E, dk, bias = self.E, self.dk, self.module.bias
         dprime = E + 1 if bias else E
         out = []
         n_w, n_b = 3 * E * E, 3 * E if bias else 0

@@ -21,7 +21,6 @@ The network above the layer must treat sequences independently (no batch-couplin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
