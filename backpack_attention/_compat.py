@@ -10,11 +10,16 @@ subclass contract (``_matmat`` on tensor lists with a trailing column axis, ``SE
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Dict, List, Sequence, Union
 
 from torch import Tensor, nn
 
-import curvlinops
+with warnings.catch_warnings():
+    # curvlinops imports linear_operator, which calls torch.jit.script at import time; torch >= 2.10
+    # warns that it is deprecated. Not ours to fix, and noise for every user of this package.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    import curvlinops
 from curvlinops import GGNLinearOperator, HessianLinearOperator, SubmatrixLinearOperator  # noqa: F401
 
 try:  # 3.x and master keep it here
