@@ -253,3 +253,19 @@ def test_converted_transformer_encoder_layer_against_original_mha():
     blocks = hessian_blocks(converted, nn.MSELoss(), converted.enc.self_attn, (X, Y))
     assert rel_err(blocks.matrix("full"), H) < TOL
     assert rel_err(blocks.matrix("outer"), G) < TOL
+
+
+def test_masks_passed_as_keywords():
+    """A model that calls attn(x=..., key_padding_mask=...) gets the same (correct) blocks."""
+
+    class KwModel(AttnModel):
+        def forward(self, x):
+            return self.attn(x=x, key_padding_mask=self.kpm)
+
+    torch.manual_seed(4)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[0, 3:] = True
+    model = KwModel(4, 2, kpm=kpm)
+    randomize(model)
+    X, Y = torch.randn(2, 5, 4, dtype=DT), torch.randn(2, 5, 4, dtype=DT)
+    check_all_parts(model, nn.MSELoss(), model.attn, [(X, Y)])

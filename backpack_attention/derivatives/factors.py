@@ -179,13 +179,15 @@ class _LayerProbe:
         self.calls = []
         self.replacement = None
 
-    def __call__(self, module, args, output):
-        self.calls.append((args, output))
+    def __call__(self, module, args, kwargs, output):
+        names = ("x", "key_padding_mask", "attn_mask")
+        full = list(args) + [kwargs.get(n) for n in names[len(args):]]  # masks may come as keywords
+        self.calls.append((tuple(full), output))
         return self.replacement if self.replacement is not None else output
 
     def run(self, model_func, X, replacement=None):
         self.calls, self.replacement = [], replacement
-        handle = self.module.register_forward_hook(self)
+        handle = self.module.register_forward_hook(self, with_kwargs=True)
         try:
             out = model_func(X)
         finally:
