@@ -217,6 +217,15 @@ def test_bad_input(make_call, match):
     assert torch.equal(X, X0)
 
 
+def test_active_dropout_rejected():
+    model = nn.Sequential(AttnModel(4, 2), nn.Dropout(0.1))
+    X, Y = torch.randn(2, 3, 4, dtype=DT), torch.randn(2, 3, 4, dtype=DT)
+    with pytest.raises(ValueError, match="dropout"):
+        hessian_blocks(model, nn.MSELoss(), model[0].attn, (X, Y))
+    model.eval()  # inactive dropout is fine
+    hessian_blocks(model, nn.MSELoss(), model[0].attn, (X, Y))
+
+
 def test_non_finite_loss_rejected():
     model = AttnModel(4, 2)
     with torch.no_grad():

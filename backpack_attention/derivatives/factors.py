@@ -252,8 +252,16 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
     """
     check_loss(loss_func)
     m = as_attention(module)
-    if isinstance(model_func, nn.Module) and not any(s is m for s in model_func.modules()):
-        raise ValueError("module is not a submodule of model_func")
+    if isinstance(model_func, nn.Module):
+        if not any(s is m for s in model_func.modules()):
+            raise ValueError("module is not a submodule of model_func")
+        random = [n for n, s in model_func.named_modules()
+                  if isinstance(s, nn.modules.dropout._DropoutNd) and s.p > 0 and s.training]
+        if random:
+            raise ValueError(
+                f"model_func: dropout modules {random} are active (train mode, p > 0), so the curvature "
+                "would be random; call model_func.eval() or set their p to 0"
+            )
     batches = _as_batches(data)
     for X, y in batches:
         for name, t in (("X", X), ("y", y)):
