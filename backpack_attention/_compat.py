@@ -16,9 +16,9 @@ from typing import Dict, List, Sequence, Union
 from torch import Tensor, nn
 
 with warnings.catch_warnings():
-    # curvlinops imports linear_operator, which calls torch.jit.script at import time; torch >= 2.10
+    # curvlinops imports linear_operator, which calls torch.jit.script at import time; recent torch
     # warns that it is deprecated. Not ours to fix, and noise for every user of this package.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")  # Future- or DeprecationWarning
     import curvlinops
 from curvlinops import GGNLinearOperator, HessianLinearOperator, SubmatrixLinearOperator  # noqa: F401
 
