@@ -280,10 +280,12 @@ class HessianBlocks:
         return self.block(idx, idx).part(part)
 
 
-def hessian_blocks(model_func, loss_func, module, data, *, num_data: Optional[int] = None) -> HessianBlocks:
+def hessian_blocks(model_func, loss_func, module, data, *, num_data: Optional[int] = None,
+                   progressbar: bool = False) -> HessianBlocks:
     """Closed-form Hessian blocks of ``module`` in ``model_func`` (see :func:`attention_factors`).
 
     Returns a :class:`HessianBlocks`; ``blocks[("W_Q", h1), ("W_K", h2)]`` is a :class:`Block` with
     ``.outer``, ``.functional`` and ``.full`` ``[rows, cols]`` in :func:`param_index` order.
     """
-    return HessianBlocks(attention_factors(model_func, loss_func, module, data, num_data=num_data))
+    return HessianBlocks(attention_factors(model_func, loss_func, module, data, num_data=num_data,
+                                           progressbar=progressbar))

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vmap
+from tqdm.auto import tqdm
 
 from backpack_attention.derivatives.core import LINEAR, attention_matrix
 from backpack_attention.derivatives.loss import batch_weight, check_loss, loss_hessian_mp
@@ -234,7 +235,8 @@ def _output_terms(model_func, loss_func, probe: _LayerProbe, X, y, F0: Tensor, o
     return r, w * Lam.reshape(N, L, E, L, E), False, w * Lam_ex.reshape(N, L, E, L, E)
 
 
-def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_data: Optional[int] = None) -> AttentionFactors:
+def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_data: Optional[int] = None,
+                      progressbar: bool = False) -> AttentionFactors:
     """Per-token factors of ``module``'s Hessian blocks in the network ``model_func`` (SPEC §4–5).
 
     Args:
@@ -245,6 +247,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
         data: an iterable of ``(X, y)`` batches (or one ``(X, y)`` tuple). All batches must have the
             same sequence length.
         num_data: total number of sequences (default: summed over ``data``).
+        progressbar: show a tqdm progress bar over the batches.
 
     Returns:
         :class:`AttentionFactors` with data ``[N, L, d']``, weights, moments ``[N, H, L, ...]`` and
@@ -287,7 +290,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
 
     parts = {k: [] for k in ("X", "mom", "r", "Lam", "Lex")}
     separable = None
-    for X, y in batches:
+    for X, y in tqdm(batches, desc="attention factors", unit="batch", disable=not progressbar):
         out0 = probe.run(model_func, X)
         (args, F0) = probe.calls[0]
         x = args[0].detach()
