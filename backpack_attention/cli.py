@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``backpack-attention`` console script. Returns the exit status."""
+    # torch.func internals call the deprecated torch.jit.script on first use: noise for report users
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
