@@ -22,6 +22,18 @@ from backpack_attention.derivatives.function import softmax_attention
 BLOCK_NAMES = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
 
 
+def _bool_mask(mask, name: str):
+    """torch's float masks (0 = keep, -inf = mask out), as nn.TransformerEncoderLayer passes them, to bool."""
+    if mask is None or not isinstance(mask, Tensor) or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point() or not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        raise ValueError(
+            f"{name} must be bool (True = masked) or float with entries 0 and -inf; "
+            "additive attention biases are not supported"
+        )
+    return mask == float("-inf")
+
+
 class MultiheadSelfAttention(nn.Module):
     r"""Multi-head self-attention, numerically identical to ``nn.MultiheadAttention(batch_first=True)``.
 
@@ -129,14 +141,7 @@ class MultiheadSelfAttention(nn.Module):
                     f"attn_mask must be a tensor of shape [L, L] = {[L, L]}, got "
                     + (str(list(attn_mask.shape)) if isinstance(attn_mask, Tensor) else type(attn_mask).__name__)
                 )
-            if attn_mask.dtype != torch.bool:
-                if not attn_mask.is_floating_point() or not bool(
-                    ((attn_mask == 0) | (attn_mask == float("-inf"))).all()
-                ):
-                    raise ValueError(
-                        "attn_mask must be bool (True = not allowed) or float with entries 0 and -inf; "
-                        "additive score biases are not supported"
-                    )
+            _bool_mask(attn_mask, "attn_mask")  # raises for float masks other than 0 / -inf
 
     def allowed_mask(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> Optional[Tensor]:
         """Boolean mask ``[N or 1, 1, L, L]`` of allowed (query, key) pairs, or ``None`` if all are.
@@ -148,7 +153,7 @@ class MultiheadSelfAttention(nn.Module):
         if self.causal:
             allowed = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         if attn_mask is not None:
-            extra = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+            extra = ~_bool_mask(attn_mask, "attn_mask")
             allowed = extra if allowed is None else allowed & extra
         if allowed is not None:
             allowed = allowed[None, None]
@@ -304,18 +309,6 @@ class SelfAttentionAdapter(nn.Module):
             return out, None
         A = self.attention.attention_weights(x, key_padding_mask, attn_mask)
         return out, (A.mean(1) if average_attn_weights else A)
-
-
-def _bool_mask(mask, name: str):
-    """torch's float masks (0 = keep, -inf = mask out), as nn.TransformerEncoderLayer passes them, to bool."""
-    if mask is None or not isinstance(mask, Tensor) or mask.dtype == torch.bool:
-        return mask
-    if not mask.is_floating_point() or not bool(((mask == 0) | (mask == float("-inf"))).all()):
-        raise ValueError(
-            f"{name} must be bool (True = masked) or float with entries 0 and -inf; "
-            "additive attention biases are not supported"
-        )
-    return mask == float("-inf")
 
 
 def convert_attention(model: nn.Module) -> nn.Module:
