@@ -34,6 +34,13 @@ def _bool_mask(mask, name: str):
     return mask == float("-inf")
 
 
+def call_arguments(args: tuple, kwargs: dict):
+    """``(x, key_padding_mask, attn_mask)`` of a :meth:`MultiheadSelfAttention.forward` call, given
+    positionally or by keyword (as a ``register_forward_hook(..., with_kwargs=True)`` hook sees it)."""
+    names = ("x", "key_padding_mask", "attn_mask")
+    return tuple(args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+
+
 class MultiheadSelfAttention(nn.Module):
     r"""Multi-head self-attention, numerically identical to ``nn.MultiheadAttention(batch_first=True)``.
 

@@ -62,7 +62,7 @@ from backpack_attention.derivatives.products import (
     param_jvp,
     param_vjp,
 )
-from backpack_attention.module import MultiheadSelfAttention
+from backpack_attention.module import MultiheadSelfAttention, call_arguments
 
 PARTS = ("full", "outer", "functional")
 
@@ -147,10 +147,9 @@ class _Injection:
                     f"attention layer {self.targets[j].name!r} is called more than once per forward pass "
                     "(weight sharing); this is not supported"
                 )
-            get = lambda i, key: args[i] if len(args) > i else kwargs.get(key)  # noqa: E731
+            x, kpm, attn_mask = call_arguments(args, kwargs)
             delta = torch.zeros_like(output, requires_grad=True)
-            self.records[j] = {"X": get(0, "x"), "kpm": get(1, "key_padding_mask"),
-                               "am": get(2, "attn_mask"), "delta": delta}
+            self.records[j] = {"X": x, "kpm": kpm, "am": attn_mask, "delta": delta}
             return output + delta
 
         return hook

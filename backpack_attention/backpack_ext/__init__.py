@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from backpack_attention.backpack_ext.registry import register
-from backpack_attention.module import MultiheadSelfAttention, SelfAttentionAdapter, convert_attention
+from backpack_attention.module import MultiheadSelfAttention, SelfAttentionAdapter, call_arguments, convert_attention
 
 __all__ = ["extend", "register"]
 
@@ -36,9 +36,7 @@ def _record_masks(module, args, kwargs, output):
     ``module.input1 = None``, on which its backward hook would fail; those are replaced by an
     empty placeholder tensor.
     """
-    x = args[0] if args else kwargs.get("x")
-    kpm = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
-    attn_mask = args[2] if len(args) > 2 else kwargs.get("attn_mask")
+    x, kpm, attn_mask = call_arguments(args, kwargs)
     module._bpa_masks = (weakref.ref(x), kpm, attn_mask)
     for i in range(1, len(args)):
         if args[i] is None and getattr(module, f"input{i}", _NO_INPUT) is None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from backpack_attention.derivatives.core import LINEAR, attention_matrix
 from backpack_attention.derivatives.loss import batch_weight, check_loss, loss_hessian_mp
-from backpack_attention.module import as_attention
+from backpack_attention.module import as_attention, call_arguments
 
 
 @dataclass
@@ -181,9 +181,7 @@ class _LayerProbe:
         self.replacement = None
 
     def __call__(self, module, args, kwargs, output):
-        names = ("x", "key_padding_mask", "attn_mask")
-        full = list(args) + [kwargs.get(n) for n in names[len(args):]]  # masks may come as keywords
-        self.calls.append((tuple(full), output))
+        self.calls.append((call_arguments(args, kwargs), output))
         return self.replacement if self.replacement is not None else output
 
     def run(self, model_func, X, replacement=None):
