@@ -62,6 +62,7 @@ from backpack_attention.derivatives.products import (
     param_jvp,
     param_vjp,
 )
+from backpack_attention.derivatives.loss import batch_weight
 from backpack_attention.module import MultiheadSelfAttention, call_arguments
 
 PARTS = ("full", "outer", "functional")
@@ -430,7 +431,7 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             raise ValueError(f"data y has dtype {y.dtype} but the parameters have {self._dtype}; cast one of them")
 
     def _factor(self, X) -> float:
-        return self._batch_size(X) / self._N_data if self._loss_func.reduction == "mean" else 1.0
+        return batch_weight(self._loss_func, self._batch_size(X), self._N_data)
 
     def _states(self, use_cache: bool = True):
         """Yield ``(normalisation factor, batch state)``; cached batches skip the data entirely."""
