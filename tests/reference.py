@@ -37,3 +37,13 @@ def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
             HL = hessian(lambda o: loss_func(o, y))(out0).reshape(out0.numel(), out0.numel())
             G = G + w * J.T @ HL @ J
     return H, G
+
+
+def split_flat(flat, params, names):
+    """Cut the last axis of ``flat [..., P]`` into ``{name: [..., *params[name].shape]}`` (in ``names`` order)."""
+    out, i = {}, 0
+    for n in names:
+        k = params[n].numel()
+        out[n] = flat[..., i : i + k].reshape(*flat.shape[:-1], *params[n].shape)
+        i += k
+    return out

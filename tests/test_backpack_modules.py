@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from reference import split_flat
 from backpack import backpack
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
@@ -131,12 +132,8 @@ class Problem:
         return 2.0 / self.Y.numel() * torch.einsum("nap,naq->npq", Jn, Jn)
 
     def split(self, flat):
-        out, i = {}, 0
-        for n in self.names:
-            k = self.params[n].numel()
-            out[n] = flat[..., i:i + k].reshape(*flat.shape[:-1], *self.params[n].shape)
-            i += k
-        return out
+        """Cut the last axis of ``flat [..., P]`` into parameter-shaped tensors."""
+        return split_flat(flat, self.params, self.names)
 
     def hessian_diag_batch(self):
         flat0 = torch.cat([self.params[n].reshape(-1) for n in self.names])

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from reference import split_flat
 import torch.nn.functional as F
 from backpack import backpack
 from torch import nn
@@ -114,12 +115,7 @@ class Problem:
 
     def split(self, flat):
         """Cut the last axis of ``flat [..., P]`` into parameter-shaped tensors."""
-        out, i = {}, 0
-        for n in self.names:
-            k = self.params[n].numel()
-            out[n] = flat[..., i:i + k].reshape(*flat.shape[:-1], *self.params[n].shape)
-            i += k
-        return out
+        return split_flat(flat, self.params, self.names)
 
     def hessian_diag_batch(self):
         """Per-sample Hessian diagonals ``{name: [N, *p]}`` (they sum to the batch Hessian's)."""
