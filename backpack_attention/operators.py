@@ -10,38 +10,38 @@ densities and ``SubmatrixLinearOperator`` work on them.
 
 How a product is computed (per batch, see ``docs/operators.md`` for the cost model)
 -------------------------------------------------------------------------------------
-One forward pass per batch adds a zero "injection" :math:`\boldsymbol\delta_l` to the output
-of every attention layer ``l`` that owns a selected parameter, records the layer inputs
-:math:`\mathbf X_l` and caches the layer's forward quantities (``Q, K, V, A``, head outputs;
-:class:`~backpack_attention.derivatives.products.LayerCache`). The parameter Jacobian factors
-as :math:`\mathbf J_\theta = \mathbf J_\delta\,\mathbf J^{\text{loc}}`, where the local
-Jacobian :math:`\mathbf J^{\text{loc}}_l = \partial\mathbf F_l/\partial\theta_l` is applied in
-closed form (:mod:`backpack_attention.derivatives.products`, no autograd graph through the
-attention core) and :math:`\mathbf J_\delta` (the rest of the network: MLPs, LayerNorms,
-residuals, later attention layers, readout) through a retained autograd graph of that forward
-pass (its VJP directly, its JVP by the double-VJP trick on a cached, linear-in-``u`` graph).
+One forward pass per batch runs inside
+:func:`~backpack_attention.derivatives.function.cached_attention`: every softmax attention core
+forms its attention matrix :math:`\mathbf A` once and becomes a
+:class:`~backpack_attention.derivatives.function.CachedSoftmaxCore`, whose first *and second*
+derivatives are closed forms on the cached :math:`\mathbf A`
+(:func:`~backpack_attention.derivatives.core.core_vjp`, ``core_jvp``, ``core_hvp``, computed in
+cache-sized chunks). The forward graph is kept; the rest of the network (projections, MLPs,
+LayerNorms, residuals, readout) is differentiated by autograd on that graph.
 
-* GGN: :math:`\mathbf G\mathbf v = \mathbf J^{\text{loc}\top}\mathbf J_\delta^\top\boldsymbol\Lambda
-  \mathbf J_\delta\mathbf J^{\text{loc}}\mathbf v`, :math:`\boldsymbol\Lambda` the loss Hessian
-  w.r.t. the model output.
-* Hessian: :math:`\mathbf H\mathbf v = \mathbf J^{\text{loc}\top}\mathbf H_\delta\,\mathbf J^{\text{loc}}\mathbf v
-  + \sum_l \mathbf H^{\theta\theta}_{f,l}\mathbf v_l + \text{mixed terms}`, where
-  :math:`\mathbf H_\delta` is the exact Hessian of the loss w.r.t. the injections (double backward
-  through the cached graph), :math:`\mathbf H_{f,l} = \mathbf r_l\cdot\partial^2\mathbf F_l`
-  the layer's functional term for its output gradient :math:`\mathbf r_l` (closed form), and the
-  mixed terms :math:`\mathbf r_l\cdot\partial^2\mathbf F_l/\partial\theta_l\partial\mathbf X_l`
-  couple a layer's parameters to the parameters of selected layers below it (their input
-  tangents :math:`\dot{\mathbf X}_l` come from the same cached graph).
+* GGN: :math:`\mathbf G\mathbf v = \mathbf J^\top\boldsymbol\Lambda\mathbf J\mathbf v`. The backward
+  graph :math:`\mathbf u\mapsto\mathbf J^\top\mathbf u` is recorded once per batch (inside
+  :func:`~backpack_attention.derivatives.function.linear_backward`, so attention cores enter
+  as linear maps of the cotangent); differentiating it in :math:`\mathbf u` gives
+  :math:`\mathbf J\mathbf v` (one pass, attention cores by ``core_jvp``), then the loss Hessian
+  :math:`\boldsymbol\Lambda` and one backward pass through the cached forward graph.
+* Hessian: the gradient graph :math:`\nabla_\theta\mathcal L` is recorded once per batch; a
+  product is one backward pass through it (attention cores by ``core_hvp`` and ``core_vjp``).
+  ``part="functional"`` is the Hessian product minus the GGN product.
+
+Every layer is traversed once per direction, so cross-layer blocks, shared (repeated) layers
+and layers below or above the selected ones cost no extra passes.
 
 Data parallel: when ``torch.distributed`` is initialised, each rank passes its own shard as
 ``data``; ``num_data=None`` counts all ranks' data, and every product is all-reduced (sum), so
 all ranks hold the full-data product. All ranks must call each product (collective).
 
-Caching trade-off: each cached batch keeps its forward graph (and, once used, the graphs of
-the first backward pass), a few times the activation memory of a training step. The first
-``max_cached_batches`` batches are cached; later ones are recomputed for every product
-(streaming). Cached batches assume the data yields the same batches in the same order every
-time and that the parameters do not change; call :meth:`clear_cache` after changing either.
+Caching trade-off: each cached batch keeps its forward graph with the attention matrices
+(:math:`NHL^2` numbers per layer) and, once used, the recorded backward graph, a few times the
+activation memory of a training step. The first ``max_cached_batches`` batches are cached;
+later ones are recomputed for every product (streaming). Cached batches assume the data yields
+the same batches in the same order every time and that the parameters do not change; call
+:meth:`clear_cache` after changing either.
 """
 
 from __future__ import annotations
@@ -54,43 +54,21 @@ from torch import Tensor, nn
 from torch.autograd import grad
 
 from backpack_attention._compat import PyTorchLinearOperator, as_param_list
-from backpack_attention.derivatives.products import (
-    PARAM_NAMES,
-    BackwardCache,
-    LayerCache,
-    functional_product,
-    param_jvp,
-    param_vjp,
-)
+from backpack_attention.derivatives.function import cached_attention, linear_backward
 from backpack_attention.derivatives.loss import batch_weight
-from backpack_attention.module import MultiheadSelfAttention, call_arguments
+from backpack_attention.module import MultiheadSelfAttention
 
 PARTS = ("full", "outer", "functional")
+
+#: Names of a layer's parameters, in the order of ``module.parameters()``.
+PARAM_NAMES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
 
 
 # ---------------------------------------------------------------------------------------------
 # parameter bookkeeping
 # ---------------------------------------------------------------------------------------------
-class _Target:
-    """One attention layer that owns selected parameters.
-
-    Attributes:
-        name: qualified module name. module: the :class:`MultiheadSelfAttention`.
-        slots: for each of ``PARAM_NAMES``, the position of that parameter in ``params`` or ``None``.
-    """
-
-    def __init__(self, name: str, module: MultiheadSelfAttention):
-        self.name = name
-        self.module = module
-        self.slots: List[Optional[int]] = [None] * len(PARAM_NAMES)
-
-    @property
-    def need(self) -> Tuple[bool, ...]:
-        return tuple(s is not None for s in self.slots)
-
-
-def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> List[_Target]:
-    """Map every parameter in ``params`` to its attention layer; raise clear errors otherwise.
+def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> Dict[str, MultiheadSelfAttention]:
+    """The attention layers that own ``params`` (name -> module); raise clear errors otherwise.
 
     Raises:
         ValueError: ``params`` is empty, has duplicates, or contains a parameter that belongs to
@@ -98,13 +76,13 @@ def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> List[_Ta
     """
     if len(params) == 0:
         raise ValueError("params is empty: pass parameters of the model's MultiheadSelfAttention modules")
-    owner: Dict[int, Tuple[str, MultiheadSelfAttention, int]] = {}
+    owner: Dict[int, Tuple[str, MultiheadSelfAttention]] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, MultiheadSelfAttention):
-            for k, pname in enumerate(PARAM_NAMES):
+            for pname in PARAM_NAMES:
                 p = getattr(mod, pname)
                 if p is not None:
-                    owner.setdefault(id(p), (mname, mod, k))
+                    owner.setdefault(id(p), (mname or "<model>", mod))
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     bad = [names.get(id(p), f"<tensor of shape {list(p.shape)} not in the model>") for p in params if id(p) not in owner]
     if bad:
@@ -116,59 +94,41 @@ def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> List[_Ta
         )
     if len({id(p) for p in params}) != len(params):
         raise ValueError("params contains the same parameter more than once")
-    targets: Dict[int, _Target] = {}
-    for i, p in enumerate(params):
-        mname, mod, k = owner[id(p)]
-        t = targets.setdefault(id(mod), _Target(mname or "<model>", mod))
-        t.slots[k] = i
-    return list(targets.values())
+    return dict(owner[id(p)] for p in params)
 
 
-class _Injection:
-    """Context: hooks that record each target layer's input and add a zero leaf to its output."""
+class _RequiresGrad:
+    """Context: only ``params`` require grad (graphs carry nothing else); restores the flags."""
 
-    def __init__(self, targets: List[_Target]):
-        self.targets = targets
-        self.records: Dict[int, dict] = {}
-        self.handles = []
+    def __init__(self, model: nn.Module, params: List[Tensor]):
+        self.flags = [(p, p.requires_grad) for p in model.parameters()] + [(p, p.requires_grad) for p in params]
+        self.params = params
 
     def __enter__(self):
-        for j, t in enumerate(self.targets):
-            self.handles.append(t.module.register_forward_hook(self._hook(j), with_kwargs=True))
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc):
+        for p, flag in reversed(self.flags):
+            p.requires_grad_(flag)
+
+
+class _CallRecorder:
+    """Context: records which of the given attention layers the forward pass calls."""
+
+    def __init__(self, layers: Dict[str, MultiheadSelfAttention]):
+        self.layers, self.called, self.handles = layers, set(), []
+
+    def __enter__(self):
+        for name, mod in self.layers.items():
+            self.handles.append(mod.register_forward_hook(lambda *_, name=name: self.called.add(name)))
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-
-    def _hook(self, j: int):
-        def hook(module, args, kwargs, output):
-            if j in self.records:
-                raise NotImplementedError(
-                    f"attention layer {self.targets[j].name!r} is called more than once per forward pass "
-                    "(weight sharing); this is not supported"
-                )
-            x, kpm, attn_mask = call_arguments(args, kwargs)
-            delta = torch.zeros_like(output, requires_grad=True)
-            self.records[j] = {"X": x, "kpm": kpm, "am": attn_mask, "delta": delta}
-            return output + delta
-
-        return hook
-
-
-class _FrozenParams:
-    """Context: temporarily ``requires_grad_(False)`` on all model parameters (graphs only from injections)."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
 
 
 def _grad(outputs, inputs, grad_outputs, **kw) -> List[Optional[Tensor]]:
@@ -196,135 +156,60 @@ def _all_reduce_int(n: int, device) -> int:
 # per-batch state
 # ---------------------------------------------------------------------------------------------
 class _BatchState:
-    """Cached forward pass of one batch and the products on it (unnormalised: one batch's loss)."""
+    """Cached forward pass of one batch and the products on it (unnormalised: one batch's loss).
 
-    def __init__(self, model: nn.Module, loss_func, targets: List[_Target], X, y):
-        self.loss_func, self.targets, self.y = loss_func, targets, y
-        with torch.enable_grad(), _FrozenParams(model), _Injection(targets) as inj:
+    Products take and return tensor lists in parameter shapes; with ``batched`` every tangent
+    carries a leading column axis (autograd's ``is_grads_batched``).
+    """
+
+    def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
+        self.model, self.loss_func, self.params, self.y = model, loss_func, params, y
+        with torch.enable_grad(), _RequiresGrad(model, params), cached_attention(), _CallRecorder(layers) as rec:
             self.out = model(X)
-        missing = [t.name for j, t in enumerate(targets) if j not in inj.records]
+        missing = sorted(set(layers) - rec.called)
         if missing:
             raise ValueError(f"attention layers {missing} own selected params but are not called by the model's forward")
-        rec = [inj.records[j] for j in range(len(targets))]
-        self.deltas = [r["delta"] for r in rec]
-        self.X_nodes = [r["X"] if r["X"].requires_grad else None for r in rec]
-        self.caches = [LayerCache.from_module(t.module, r["X"], r["kpm"], r["am"]) for t, r in zip(targets, rec)]
         self._ggn = None
         self._hess = None
 
-    # -- local products (``batched``: tangents carry a leading column axis, mapped by vmap) -------
-    def _local_jvp(self, v: List[Tensor], batched: bool) -> List[Tensor]:
-        out = []
-        for t, c in zip(self.targets, self.caches):
-            slots = [s for s in t.slots if s is not None]
-
-            def f(*vs, t=t, c=c):
-                it = iter(vs)
-                return param_jvp(c, *[None if s is None else next(it) for s in t.slots])
-
-            out.append(_vmap(f, batched)(*[v[s] for s in slots]))
-        return out
-
-    def _local_vjp(self, w: List[Optional[Tensor]], out: List[Optional[Tensor]], batched: bool):
-        for t, c, wl in zip(self.targets, self.caches, w):
-            if wl is None:
-                continue
-
-            def f(g, t=t, c=c):
-                return tuple(x for x in param_vjp(c, g, t.need) if x is not None)
-
-            res = iter(_vmap(f, batched)(wl))
-            for s in t.slots:
-                if s is not None:
-                    g = next(res)
-                    out[s] = g if out[s] is None else out[s] + g
+    def _grads(self, outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
+        with _RequiresGrad(self.model, self.params):
+            return _grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=batched)
 
     # -- GGN -----------------------------------------------------------------------------------
     def _build_ggn(self):
-        with torch.enable_grad():
+        with torch.enable_grad(), _RequiresGrad(self.model, self.params):
             out_d = self.out.detach().requires_grad_(True)
             g_out = grad(self.loss_func(out_d, self.y), out_d, create_graph=True)[0]
             u = torch.zeros_like(self.out, requires_grad=True)
-            g_u = _grad([self.out], self.deltas, [u], create_graph=True)
-        self._ggn = (out_d, g_out, u, g_u)
+            with linear_backward():
+                Jt_u = _grad([self.out], self.params, [u], create_graph=True, retain_graph=True)
+        self._ggn = (out_d, g_out, u, Jt_u)
 
-    def ggn_mv(self, v: List[Tensor], n_params: int, batched: bool = False) -> List[Optional[Tensor]]:
-        """``G v`` for one batch; ``v`` in parameter shapes (with a leading column axis if ``batched``)."""
+    def ggn_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
+        """``G v = J^T Lambda J v`` for one batch."""
         if self._ggn is None:
             self._build_ggn()
-        out_d, g_out, u, g_u = self._ggn
-        res: List[Optional[Tensor]] = [None] * n_params
-        ddelta = self._local_jvp(v, batched)
-        kw = {"retain_graph": True, "is_grads_batched": batched}
-        with torch.enable_grad():
-            (d_out,) = _grad(g_u, [u], ddelta, **kw)
-            if d_out is None:
-                return res
-            (lam,) = _grad([g_out], [out_d], [d_out], **kw)
-            if lam is None:
-                return res
-            w = _grad([self.out], self.deltas, [lam], **kw)
-        self._local_vjp(w, res, batched)
-        return res
+        out_d, g_out, u, Jt_u = self._ggn
+        (Jv,) = self._grads(Jt_u, [u], v, batched)  # J v: derivative of J^T u in u, along v
+        if Jv is None:
+            return [None] * len(self.params)
+        (lam,) = self._grads([g_out], [out_d], [Jv], batched)
+        if lam is None:
+            return [None] * len(self.params)
+        return self._grads([self.out], self.params, [lam], batched)
 
     # -- Hessian -------------------------------------------------------------------------------
     def _build_hessian(self):
-        with torch.enable_grad():
-            g_delta = _grad([self.loss_func(self.out, self.y)], self.deltas, [torch.ones(())],
-                            create_graph=True, retain_graph=True)
-            backs = [BackwardCache.from_gradient(c, torch.zeros_like(c.X) if g is None else g)
-                     for c, g in zip(self.caches, g_delta)]
-            uX = [None if x is None else torch.zeros_like(x, requires_grad=True) for x in self.X_nodes]
-            used = [j for j, x in enumerate(self.X_nodes) if x is not None]
-            g_uX = None
-            if used:
-                g_uX = _grad([self.X_nodes[j] for j in used], self.deltas, [uX[j] for j in used],
-                             create_graph=True, retain_graph=True)
-        self._hess = (g_delta, backs, uX, used, g_uX)
+        with torch.enable_grad(), _RequiresGrad(self.model, self.params):
+            loss = self.loss_func(self.out, self.y)
+            self._hess = _grad([loss], self.params, [torch.ones_like(loss)], create_graph=True, retain_graph=True)
 
-    def hessian_mv(self, v: List[Tensor], n_params: int, batched: bool = False) -> List[Optional[Tensor]]:
-        """``H v`` for one batch; ``v`` in parameter shapes (with a leading column axis if ``batched``)."""
+    def hessian_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
+        """``H v`` for one batch: one backward pass through the recorded gradient graph."""
         if self._hess is None:
             self._build_hessian()
-        g_delta, backs, uX, used, g_uX = self._hess
-        res: List[Optional[Tensor]] = [None] * n_params
-        ddelta = self._local_jvp(v, batched)
-        kw = {"retain_graph": True, "is_grads_batched": batched}
-        # input tangents of layers with selected layers below them
-        Xdot: List[Optional[Tensor]] = [None] * len(self.targets)
-        if used:
-            with torch.enable_grad():
-                tang = _grad(g_uX, [uX[j] for j in used], ddelta, **kw)
-            for j, xd in zip(used, tang):
-                Xdot[j] = xd
-        # layer-local functional terms (incl. the mixed (theta, X) terms) and input-side cotangents
-        x_cot: List[Optional[Tensor]] = [None] * len(self.targets)
-        for j, (t, c, b) in enumerate(zip(self.targets, self.caches, backs)):
-            slots = [s for s in t.slots if s is not None]
-            need_input = self.X_nodes[j] is not None
-            has_x = Xdot[j] is not None
-
-            def f(*args, t=t, c=c, b=b, need_input=need_input, has_x=has_x):
-                it = iter(args)
-                vt = [None if s is None else next(it) for s in t.slots]
-                dX = next(it) if has_x else None
-                p, xc = functional_product(c, b, *vt, dX=dX, need=t.need, need_input=need_input)
-                return tuple(x for x in p if x is not None) + ((xc,) if need_input else ())
-
-            outs = _vmap(f, batched)(*([v[s] for s in slots] + ([Xdot[j]] if has_x else [])))
-            for s, g in zip(slots, outs[: len(slots)]):
-                res[s] = g if res[s] is None else res[s] + g
-            if need_input:
-                x_cot[j] = outs[-1]
-        with torch.enable_grad():
-            w = _grad(list(g_delta) + [self.X_nodes[j] for j in used], self.deltas,
-                      list(ddelta) + [x_cot[j] for j in used], **kw)
-        self._local_vjp(w, res, batched)
-        return res
-
-
-def _vmap(f, batched: bool):
-    return torch.vmap(f) if batched else f
+        return self._grads(self._hess, self.params, v, batched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +246,7 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         self._params = as_param_list(params)
         if not all(isinstance(p, Tensor) for p in self._params):
             raise TypeError("params must contain tensors (the model's parameters)")
-        self._targets = resolve_attention_params(model_func, self._params)
+        self._layers = resolve_attention_params(model_func, self._params)
         dtypes = {p.dtype for p in self._params}
         devices = {p.device for p in self._params}
         if len(dtypes) != 1 or len(devices) != 1:
@@ -451,7 +336,7 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                 yield self._cache[i]
                 continue
             self._check_batch(X, y)
-            state = _BatchState(self._model_func, self._loss_func, self._targets, X, y)
+            state = _BatchState(self._model_func, self._loss_func, self._params, self._layers, X, y)
             state.factor = self._factor(X)
             if use_cache and i < self._max_cached:
                 self._cache[i] = state
@@ -543,7 +428,7 @@ class AttentionGGNLinearOperator(_AttentionCurvatureLinearOperator):
     """
 
     def _batch_mv(self, state, v, batched):
-        return state.ggn_mv(v, len(self._params), batched)
+        return state.ggn_mv(v, batched)
 
 
 class AttentionHessianLinearOperator(_AttentionCurvatureLinearOperator):
@@ -562,11 +447,10 @@ class AttentionHessianLinearOperator(_AttentionCurvatureLinearOperator):
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
     def _batch_mv(self, state, v, batched):
-        n = len(self._params)
         if self.part == "outer":
-            return state.ggn_mv(v, n, batched)
-        h = state.hessian_mv(v, n, batched)
+            return state.ggn_mv(v, batched)
+        h = state.hessian_mv(v, batched)
         if self.part == "full":
             return h
-        g = state.ggn_mv(v, n, batched)
+        g = state.ggn_mv(v, batched)
         return [None if a is None and b is None else (a if b is None else (-b if a is None else a - b)) for a, b in zip(h, g)]

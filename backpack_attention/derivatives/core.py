@@ -71,28 +71,86 @@ def core_forward(Q: Tensor, K: Tensor, V: Tensor, allowed: Optional[Tensor], kin
     return A @ V, A
 
 
+# ---------------------------------------------------------------------------------------------
+# cache-sized chunks of the L x L work
+# ---------------------------------------------------------------------------------------------
+#: Bytes of ``[..., L, L]`` intermediates the closed forms handle at once. The products below make
+#: 5-20 passes over L x L matrices; one chunk of this size stays in the CPU's L2 cache across
+#: them, which makes long sequences several times faster than whole-tensor ops (memory bound).
+CHUNK_BYTES = 1 << 19
+
+
+def chunked(f, *args: Optional[Tensor], L: int):
+    """Apply ``f(*args)`` on slices of the (broadcast) leading dimensions of ``args``.
+
+    ``args`` are ``[..., rows, cols]`` tensors (or ``None``) whose leading dimensions broadcast;
+    ``f`` returns a tuple of tensors with the broadcast leading dimensions. The leading
+    dimensions are split so that one slice's ``[..., L, L]`` intermediates are about
+    :data:`CHUNK_BYTES`; results are concatenated. Exact: every output entry is computed from
+    the same inputs as without chunking.
+    """
+    present = [a for a in args if a is not None]
+    batch = torch.broadcast_shapes(*(a.shape[:-2] for a in present))
+    itemsize = present[0].element_size()
+    nb = len(batch)
+
+    def rec(args, dim: int):
+        rest = math.prod(batch[dim + 1:]) * L * L * itemsize
+        if dim == nb or rest * batch[dim] <= CHUNK_BYTES:
+            return f(*args)
+        step = max(1, CHUNK_BYTES // rest)
+        pos = dim - nb - 2  # the dimension, counted from the right
+        outs = []
+        for i in range(0, batch[dim], step):
+            n = min(step, batch[dim] - i)
+            sl = [a if a is None or a.dim() < -pos or a.shape[pos] == 1 else a.narrow(pos, i, n) for a in args]
+            outs.append(rec(sl, dim + 1) if step == 1 else f(*sl))
+        if len(outs) == 1:
+            return outs[0]
+        return tuple(torch.cat(o, dim=pos) for o in zip(*outs))
+
+    return rec(list(args), 0)
+
+
+def _cat_last(a: Tensor, b: Tensor) -> Tensor:
+    """``cat([a, b], -1)`` after broadcasting the leading dimensions (vmap-safe)."""
+    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# first- and second-order products of the core
+# ---------------------------------------------------------------------------------------------
 def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None) -> Tensor:
     r"""Forward-mode product :math:`\mathrm d\mathbf O` of the core for tangents of Q, K, V.
 
     :math:`\mathrm d\mathbf T = (\mathrm d\mathbf Q\mathbf K^\top + \mathbf Q\,\mathrm d\mathbf K^\top)/\sqrt{d_K}`,
     :math:`\mathrm d\mathbf A = \mathbf J\,\mathrm d\mathbf T`,
     :math:`\mathrm d\mathbf O = \mathrm d\mathbf A\,\mathbf V + \mathbf A\,\mathrm d\mathbf V`.
-    Any tangent may be ``None`` (zero).
+    Any tangent may be ``None`` (zero); ``A`` may be ``None`` (recomputed chunk by chunk from
+    ``Q, K``). Tangents may carry extra leading dimensions; they broadcast.
     """
-    dO = None
-    if dQ is not None or dK is not None:
-        scale = 1.0 / math.sqrt(Q.shape[-1])
-        dT = 0
-        if dQ is not None:
-            dT = dQ @ K.transpose(-1, -2)
-        if dK is not None:
-            dT = dT + Q @ dK.transpose(-1, -2)
-        dO = softmax_jvp(A, dT * scale, kind, allowed) @ V
-    if dV is not None:
-        dO = A @ dV if dO is None else dO + A @ dV
-    if dO is None:
-        dO = torch.zeros_like(A @ V)
-    return dO
+    if dQ is None and dK is None and dV is None:
+        return torch.zeros_like(V if A is None else A @ V)
+    scale = 1.0 / math.sqrt(Q.shape[-1])
+
+    def f(Q, K, V, A, dQ, dK, dV, allowed):
+        if A is None:
+            A = attention_matrix(Q, K, allowed, kind)
+        dO = None
+        if dQ is not None or dK is not None:
+            if dQ is not None and dK is not None:
+                dT = _cat_last(dQ, Q) @ _cat_last(K, dK).transpose(-1, -2)
+            elif dQ is not None:
+                dT = dQ @ K.transpose(-1, -2)
+            else:
+                dT = Q @ dK.transpose(-1, -2)
+            dO = softmax_jvp(A, dT.mul_(scale), kind, allowed) @ V
+        if dV is not None:
+            dO = A @ dV if dO is None else dO + A @ dV
+        return (dO,)
+
+    return chunked(f, Q, K, V, A, dQ, dK, dV, allowed, L=Q.shape[-2])[0]
 
 
 def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None):
@@ -102,9 +160,75 @@ def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None):
     :math:`\mathbf G_T = \mathbf J\,\mathbf G_A`, :math:`\mathbf G_Q = \mathbf G_T\mathbf K/\sqrt{d_K}`,
     :math:`\mathbf G_K = \mathbf G_T^\top\mathbf Q/\sqrt{d_K}`.
     ``dO`` may carry extra leading dimensions (e.g. ``[C, N, H, L, d_v]``); they broadcast.
+    ``A`` may be ``None`` (recomputed chunk by chunk from ``Q, K``: no ``[..., L, L]`` tensor
+    is ever materialised whole).
     """
     scale = 1.0 / math.sqrt(Q.shape[-1])
-    G_A = dO @ V.transpose(-1, -2)
-    G_V = A.transpose(-1, -2) @ dO
-    G_T = softmax_jvp(A, G_A, kind, allowed) * scale
-    return G_T @ K, G_T.transpose(-1, -2) @ Q, G_V
+
+    def f(Q, K, V, A, dO, allowed):
+        if A is None:
+            A = attention_matrix(Q, K, allowed, kind)
+        G_A = dO @ V.transpose(-1, -2)
+        G_V = A.transpose(-1, -2) @ dO
+        G_T = softmax_jvp(A, G_A, kind, allowed).mul_(scale)
+        return G_T @ K, G_T.transpose(-1, -2) @ Q, G_V
+
+    return chunked(f, Q, K, V, A, dO, allowed, L=Q.shape[-2])
+
+
+def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):
+    r"""Second-order product of the core for a fixed output cotangent ``G_O``.
+
+    The core's VJP :math:`(\mathbf G_Q, \mathbf G_K, \mathbf G_V) = \nabla_{Q,K,V}\langle\mathbf G_O,
+    \mathbf O\rangle` is differentiated along ``(dQ, dK, dV)`` at fixed ``G_O``: returns
+    ``(dG_Q, dG_K, dG_V, dO)``, the first three the Hessian of :math:`\langle\mathbf G_O,
+    \mathbf O(\mathbf Q, \mathbf K, \mathbf V)\rangle` applied to the tangent (symmetric, so also the
+    transposed product) and ``dO`` the core's output tangent (= :func:`core_jvp`, sharing
+    :math:`\mathrm d\mathbf A`). With :math:`s = 1/\sqrt{d_K}`,
+    :math:`\mathbf G_A = \mathbf G_O\mathbf V^\top`, :math:`\boldsymbol\rho = \mathrm{rowsum}(\mathbf A\odot\mathbf G_A)`,
+    :math:`\mathbf G_T = s\,\mathbf J\mathbf G_A`, :math:`\mathrm d\mathbf A = \mathbf J\,\mathrm d\mathbf T`:
+
+    * :math:`\mathrm d\mathbf G_V = \mathrm d\mathbf A^\top\mathbf G_O`
+    * softmax: :math:`\mathrm d\mathbf G_T = s[\mathbf S - \mathrm d\mathbf A\odot\boldsymbol\rho
+      - \mathbf A\odot\mathrm{rowsum}(\mathbf S)]`,
+      :math:`\mathbf S = \mathrm d\mathbf A\odot\mathbf G_A + \mathbf A\odot(\mathbf G_O\,\mathrm d\mathbf V^\top)`;
+      linear: :math:`s\,(\mathbf G_O\,\mathrm d\mathbf V^\top)\odot\text{mask}`
+    * :math:`\mathrm d\mathbf G_Q = \mathrm d\mathbf G_T\mathbf K + \mathbf G_T\,\mathrm d\mathbf K`,
+      :math:`\mathrm d\mathbf G_K = \mathrm d\mathbf G_T^\top\mathbf Q + \mathbf G_T^\top\mathrm d\mathbf Q`.
+
+    ``G_A``, ``rho`` and ``G_T`` are recomputed chunk by chunk (cheaper than reading them back
+    from memory for long sequences). ``None`` tangents are zero.
+    """
+    scale = 1.0 / math.sqrt(Q.shape[-1])
+
+    def f(Q, K, V, A, G_O, dQ, dK, dV, allowed):
+        if A is None:
+            A = attention_matrix(Q, K, allowed, kind)
+        zero = torch.zeros((), dtype=Q.dtype, device=Q.device)
+        dQ_ = zero.expand_as(Q) if dQ is None else dQ
+        dK_ = zero.expand_as(K) if dK is None else dK
+        dV_ = zero.expand_as(V) if dV is None else dV
+        G_A = G_O @ V.transpose(-1, -2)
+        dT = _cat_last(dQ_, Q) @ _cat_last(K, dK_).transpose(-1, -2)
+        dT.mul_(scale)
+        dG_A = G_O @ dV_.transpose(-1, -2)
+        if kind == SOFTMAX:
+            AG = A * G_A
+            rho = AG.sum(-1, keepdim=True)
+            G_T = (AG - A * rho).mul_(scale)
+            AdT = A * dT
+            dA = torch.addcmul(AdT, A, AdT.sum(-1, keepdim=True), value=-1.0)
+            S = torch.addcmul(dA * G_A, A, dG_A)
+            dG_T = torch.addcmul(torch.addcmul(S, dA, rho, value=-1.0), A, S.sum(-1, keepdim=True), value=-1.0)
+        else:
+            G_T = softmax_jvp(A, G_A, kind, allowed).mul_(scale)
+            dA = softmax_jvp(A, dT, kind, allowed)
+            dG_T = softmax_jvp(A, dG_A, kind, allowed)
+        dG_T = dG_T * scale
+        dG_V = dA.transpose(-1, -2) @ G_O
+        dG_Q = dG_T @ K + G_T @ dK_
+        dG_K = dG_T.transpose(-1, -2) @ Q + G_T.transpose(-1, -2) @ dQ_
+        dO = dA @ V + A @ dV_
+        return dG_Q, dG_K, dG_V, dO
+
+    return chunked(f, Q, K, V, A, G_O, dQ, dK, dV, allowed, L=Q.shape[-2])

@@ -1,23 +1,32 @@
-"""Autograd function for the softmax attention core: fused forward, closed-form derivatives.
+"""Autograd functions for the softmax attention core: fused forward, closed-form derivatives.
 
-The forward calls :func:`torch.nn.functional.scaled_dot_product_attention`, so PyTorch picks
-its fastest kernel (flash / memory-efficient on CPU and GPU). Those kernels have neither a
-double backward nor a forward-mode rule. This function supplies both from the closed forms in
+:class:`SoftmaxAttentionCore` (the module's everyday path) calls
+:func:`torch.nn.functional.scaled_dot_product_attention`, so PyTorch picks its fastest kernel
+(flash / memory-efficient on CPU and GPU). Those kernels have neither a double backward nor a
+forward-mode rule. This function supplies both from the closed forms in
 :mod:`backpack_attention.derivatives.core`: its ``backward`` is made of differentiable torch
 ops (so double backward and ``torch.func.hessian`` work) and its ``jvp`` is the closed-form
 forward-mode product (so ``torch.func.jvp``, ``linearize`` and curvlinops' GGN work). The
-vmap rule is generated, so ``vmap`` over these works too.
+vmap rule is generated, so ``vmap`` over these works too. Neither stores the ``[N, H, L, L]``
+attention matrix: backward and jvp recompute it chunk by chunk.
+
+:class:`CachedSoftmaxCore` (inside :func:`cached_attention`, used by the curvature operators)
+keeps the attention matrix of one forward pass and has closed-form first *and* second
+derivatives from it (:class:`SoftmaxCoreBackward`): a cached forward graph can then be
+differentiated many times (GGN and Hessian products) without recomputing or autograd-tracing
+the attention core.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backpack_attention.derivatives.core import attention_matrix, core_jvp, core_vjp
+from backpack_attention.derivatives.core import attention_matrix, core_hvp, core_jvp, core_vjp
 
 
 class SoftmaxAttentionCore(torch.autograd.Function):
@@ -41,15 +50,100 @@ class SoftmaxAttentionCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO):
         Q, K, V = ctx.saved_tensors
-        A = attention_matrix(Q, K, ctx.allowed)
-        G_Q, G_K, G_V = core_vjp(Q, K, V, A, dO)
+        G_Q, G_K, G_V = core_vjp(Q, K, V, None, dO, allowed=ctx.allowed)
         return G_Q, G_K, G_V, None, None
 
     @staticmethod
     def jvp(ctx, dQ, dK, dV, _dallowed, _dcausal):
         Q, K, V = ctx.saved_tensors
-        A = attention_matrix(Q, K, ctx.allowed)
-        return core_jvp(Q, K, V, A, dQ, dK, dV)
+        return core_jvp(Q, K, V, None, dQ, dK, dV, allowed=ctx.allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# cached attention matrices: many products on one forward pass
+# ---------------------------------------------------------------------------------------------
+class _Mode:
+    """Global switches read by :class:`CachedSoftmaxCore` (global, not thread-local: on GPUs the
+    autograd engine runs backward passes on its own threads)."""
+
+    cached = False
+    constant_inputs = False
+
+
+@contextmanager
+def cached_attention():
+    """Inside: :func:`softmax_attention` forms and keeps ``A`` (:class:`CachedSoftmaxCore`)."""
+    old, _Mode.cached = _Mode.cached, True
+    try:
+        yield
+    finally:
+        _Mode.cached = old
+
+
+@contextmanager
+def linear_backward():
+    """Inside: backward passes through :class:`CachedSoftmaxCore` record graphs that are linear
+    in the cotangent only (``Q, K, V`` held constant). That is all a Jacobian-vector product by
+    the double-VJP trick needs, and its second pass then costs a :func:`core_jvp` instead of a
+    :func:`core_hvp`. Do not build Hessian graphs inside."""
+    old, _Mode.constant_inputs = _Mode.constant_inputs, True
+    try:
+        yield
+    finally:
+        _Mode.constant_inputs = old
+
+
+class CachedSoftmaxCore(torch.autograd.Function):
+    """``O = A V`` with a precomputed ``A = softmax(Q K^T / sqrt(d) + mask)`` (a constant input).
+
+    Backward is :class:`SoftmaxCoreBackward` (closed form, itself differentiable in closed form).
+    Only for graphs that are built once and differentiated many times.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(Q: Tensor, K: Tensor, V: Tensor, A: Tensor) -> Tensor:
+        return A @ V
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, A = ctx.saved_tensors
+        if _Mode.constant_inputs:
+            Q, K, V = Q.detach(), K.detach(), V.detach()
+        return SoftmaxCoreBackward.apply(Q, K, V, A, dO) + (None,)
+
+
+class SoftmaxCoreBackward(torch.autograd.Function):
+    r"""``(Q, K, V, A, G_O) -> core_vjp(Q, K, V, A, G_O)`` with a closed-form backward.
+
+    Backward, for cotangents ``(c_Q, c_K, c_V)`` of the outputs: the cotangent of ``G_O`` is
+    :func:`core_jvp` of ``(c_Q, c_K, c_V)`` (the VJP is linear in ``G_O``) and those of
+    ``Q, K, V`` are the second-order term :func:`core_hvp` (the Hessian of
+    :math:`\langle\mathbf G_O, \mathbf O\rangle` is symmetric). Both come from one fused pass.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(Q, K, V, A, G_O):
+        return core_vjp(Q, K, V, A, G_O)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, c_Q, c_K, c_V):
+        Q, K, V, A, G_O = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[:3]):
+            return None, None, None, None, core_jvp(Q, K, V, A, c_Q, c_K, c_V)
+        dG_Q, dG_K, dG_V, dO = core_hvp(Q, K, V, A, G_O, c_Q, c_K, c_V)
+        return dG_Q, dG_K, dG_V, None, dO
 
 
 def softmax_attention(
@@ -61,5 +155,12 @@ def softmax_attention(
         Q, K, V: ``[N, H, L, d]``.
         allowed: boolean mask broadcastable to ``[N, H, L, L]``, ``True`` = may attend, or ``None``.
         only_causal: ``allowed`` is exactly the causal mask, so the fused kernel may build it.
+
+    Inside :func:`cached_attention` the attention matrix is formed and kept instead
+    (:class:`CachedSoftmaxCore`).
     """
+    if _Mode.cached:
+        with torch.no_grad():
+            A = attention_matrix(Q, K, allowed)
+        return CachedSoftmaxCore.apply(Q, K, V, A)
     return SoftmaxAttentionCore.apply(Q, K, V, allowed, only_causal)
