@@ -19,7 +19,7 @@ from backpack_attention._compat import (
     xtrace,
 )
 from backpack_attention.models import TinyTransformer, addition_data
-from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
+from backpack_attention.operators import PARTS, AttentionGGNLinearOperator, AttentionHessianLinearOperator
 
 DT = torch.float64
 TOL = 1e-10
@@ -62,6 +62,25 @@ class FloatNet(nn.Module):
         return self.out(torch.tanh(self.attn(x, attn_mask=self.mask)))
 
 
+class SharedNet(nn.Module):
+    """One causal attention layer applied twice (weight sharing), an MLP in between."""
+
+    def __init__(self, vocab=6, d=8, heads=2, length=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, dtype=DT)
+        self.pos = nn.Embedding(length, d, dtype=DT)
+        self.attn = MultiheadSelfAttention(d, heads, causal=True, dtype=DT)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d, dtype=DT), nn.GELU(), nn.Linear(2 * d, d, dtype=DT))
+        self.head = nn.Linear(d, vocab, dtype=DT)
+
+    def forward(self, X):
+        h = self.embed(X) + self.pos(torch.arange(X.shape[1]))
+        h = h + self.attn(h)
+        h = h + self.mlp(h)
+        h = h + self.attn(h)
+        return self.head(h).transpose(1, 2)
+
+
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
     model = TinyTransformer(d_model=8, num_heads=2, num_layers=2, d_mlp=16, norm="pre", dtype=DT, **kw)
@@ -97,6 +116,12 @@ def _problem(name):
         X = torch.randn(4, 5, 8, dtype=DT)
         y = torch.randn(4, 5, 2, dtype=DT)
         return model, nn.MSELoss(reduction="sum"), [(X[:2], y[:2]), (X[2:], y[2:])]
+    if name == "shared":
+        torch.manual_seed(4)
+        model = SharedNet()
+        X = torch.randint(0, 6, (5, 5))
+        y = torch.randint(0, 6, (5, 5))
+        return model, nn.CrossEntropyLoss(reduction="sum"), [(X[:2], y[:2]), (X[2:], y[2:])]
     raise KeyError(name)
 
 
@@ -125,7 +150,7 @@ def _reference(kind, model, loss_func, params, data, V):
         return op @ V
 
 
-@pytest.mark.parametrize("problem", ["ce", "mse", "padded", "float_sum"])
+@pytest.mark.parametrize("problem", ["ce", "mse", "padded", "float_sum", "shared"])
 def test_parts_match_curvlinops(problem):
     model, loss_func, data = _problem(problem)
     for label, params in _subsets(model):
@@ -283,3 +308,23 @@ def test_linear_attention_no_bias_and_converted_mha():
     a = net.mha.attention
     got = AttentionHessianLinearOperator(net, nn.CrossEntropyLoss(), [a.in_proj_weight, a.out_proj_weight], data) @ V
     assert _rel(got, ref) < TOL
+
+
+@pytest.mark.parametrize("problem", ["ce", "padded"])
+def test_equal_dense_hessian_blocks(problem):
+    """Each layer's operator equals the closed-form blocks of hessian_blocks (all parts), on random columns."""
+    from backpack_attention import hessian_blocks
+
+    model, loss_func, data = _problem(problem)
+    layers = [m for m in model.modules() if isinstance(m, MultiheadSelfAttention)]
+    assert len(layers) == 2
+    for layer in layers:
+        params = list(layer.parameters())
+        blocks = hessian_blocks(model, loss_func, layer, data)
+        V = torch.randn(sum(p.numel() for p in params), 3, dtype=DT, generator=torch.Generator().manual_seed(5))
+        HV = blocks.matrix("full") @ V
+        for part in PARTS:
+            op = AttentionHessianLinearOperator(model, loss_func, params, data, part=part)
+            assert _rel(op @ V, blocks.matrix(part) @ V, scale=HV.norm()) < TOL, (problem, part)
+        G = AttentionGGNLinearOperator(model, loss_func, params, data)
+        assert _rel(G @ V, blocks.matrix("outer") @ V) < TOL

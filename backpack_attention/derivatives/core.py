@@ -77,7 +77,7 @@ def core_forward(Q: Tensor, K: Tensor, V: Tensor, allowed: Optional[Tensor], kin
 #: Bytes of ``[..., L, L]`` intermediates the closed forms handle at once. The products below make
 #: 5-20 passes over L x L matrices; one chunk of this size stays in the CPU's L2 cache across
 #: them, which makes long sequences several times faster than whole-tensor ops (memory bound).
-CHUNK_BYTES = 1 << 19
+CHUNK_BYTES = 1 << 20
 
 
 def chunked(f, *args: Optional[Tensor], L: int):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backpack_attention.derivatives.core import attention_matrix, core_hvp, core_jvp, core_vjp
+from backpack_attention.derivatives.core import attention_matrix, chunked, core_hvp, core_jvp, core_vjp
 
 
 class SoftmaxAttentionCore(torch.autograd.Function):
@@ -161,6 +161,6 @@ def softmax_attention(
     """
     if _Mode.cached:
         with torch.no_grad():
-            A = attention_matrix(Q, K, allowed)
+            (A,) = chunked(lambda Q, K, allowed: (attention_matrix(Q, K, allowed),), Q, K, allowed, L=Q.shape[-2])
         return CachedSoftmaxCore.apply(Q, K, V, A)
     return SoftmaxAttentionCore.apply(Q, K, V, allowed, only_causal)
