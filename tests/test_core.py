@@ -66,10 +66,14 @@ def test_core_products_match_torch_func(chunk_bytes, kind, mask):
     ref_vjp = pullback(G_O)
     # Hessian of <G_O, O(Q, K, V)> along (dQ, dK, dV): the tangent of its gradient
     _, ref_hvp = jvp(grad(lambda Q, K, V: (G_O * f(Q, K, V)).sum(), argnums=(0, 1, 2)), (Q, K, V), (dQ, dK, dV))
+    O = A @ V
     for A_ in (A, None if kind == "softmax" else A):  # softmax may recompute A chunk by chunk
-        assert _rel(core_jvp(Q, K, V, A_, dQ, dK, dV, kind, allowed), ref_jvp) < TOL
-        for a, b in zip(core_vjp(Q, K, V, A_, G_O, kind, allowed), ref_vjp):
-            assert _rel(a, b) < TOL
+        for O_ in (None, O):  # with the output, softmax row sums come from O (fewer L x L passes)
+            assert _rel(core_jvp(Q, K, V, A_, dQ, dK, dV, kind, allowed, O=O_), ref_jvp) < TOL
+            assert _rel(core_jvp(Q, K, V, A_, None, dK, None, kind, allowed, O=O_),
+                        jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
+            for a, b in zip(core_vjp(Q, K, V, A_, G_O, kind, allowed, O=O_), ref_vjp):
+                assert _rel(a, b) < TOL
         out = core_hvp(Q, K, V, A_, G_O, dQ, dK, dV, kind, allowed)
         for a, b in zip(out[:3], ref_hvp):
             assert _rel(a, b) < TOL

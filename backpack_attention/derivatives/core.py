@@ -121,7 +121,7 @@ def _cat_last(a: Tensor, b: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # first- and second-order products of the core
 # ---------------------------------------------------------------------------------------------
-def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None) -> Tensor:
+def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None) -> Tensor:
     r"""Forward-mode product :math:`\mathrm d\mathbf O` of the core for tangents of Q, K, V.
 
     :math:`\mathrm d\mathbf T = (\mathrm d\mathbf Q\mathbf K^\top + \mathbf Q\,\mathrm d\mathbf K^\top)/\sqrt{d_K}`,
@@ -129,31 +129,41 @@ def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None) -> Tenso
     :math:`\mathrm d\mathbf O = \mathrm d\mathbf A\,\mathbf V + \mathbf A\,\mathrm d\mathbf V`.
     Any tangent may be ``None`` (zero); ``A`` may be ``None`` (recomputed chunk by chunk from
     ``Q, K``). Tangents may carry extra leading dimensions; they broadcast.
+
+    With the core's output ``O = A V`` (softmax), the softmax Jacobian is applied without forming
+    :math:`\mathrm d\mathbf A`: :math:`\mathrm d\mathbf A\,\mathbf V = (\mathbf A\odot\mathrm d\mathbf T)\mathbf V
+    - \mathbf r\odot\mathbf O`, :math:`\mathbf r = \mathrm{rowsum}(\mathbf A\odot\mathrm d\mathbf T)`
+    (fewer passes over L x L matrices).
     """
     if dQ is None and dK is None and dV is None:
         return torch.zeros_like(V if A is None else A @ V)
     scale = 1.0 / math.sqrt(Q.shape[-1])
+    use_O = O is not None and kind == SOFTMAX
 
-    def f(Q, K, V, A, dQ, dK, dV, allowed):
+    def f(Q, K, V, A, dQ, dK, dV, allowed, O):
         if A is None:
             A = attention_matrix(Q, K, allowed, kind)
         dO = None
         if dQ is not None or dK is not None:
             if dQ is not None and dK is not None:
-                dT = _cat_last(dQ, Q) @ _cat_last(K, dK).transpose(-1, -2)
+                dT = _cat_last(dQ * scale, Q * scale) @ _cat_last(K, dK).transpose(-1, -2)
             elif dQ is not None:
-                dT = dQ @ K.transpose(-1, -2)
+                dT = (dQ * scale) @ K.transpose(-1, -2)
             else:
-                dT = Q @ dK.transpose(-1, -2)
-            dO = softmax_jvp(A, dT.mul_(scale), kind, allowed) @ V
+                dT = (Q * scale) @ dK.transpose(-1, -2)
+            if use_O:
+                AdT = A * dT
+                dO = AdT @ V - AdT.sum(-1, keepdim=True) * O
+            else:
+                dO = softmax_jvp(A, dT, kind, allowed) @ V
         if dV is not None:
             dO = A @ dV if dO is None else dO + A @ dV
         return (dO,)
 
-    return chunked(f, Q, K, V, A, dQ, dK, dV, allowed, L=Q.shape[-2])[0]
+    return chunked(f, Q, K, V, A, dQ, dK, dV, allowed, O if use_O else None, L=Q.shape[-2])[0]
 
 
-def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None):
+def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None, O=None):
     r"""Reverse-mode product of the core: ``(G_Q, G_K, G_V)`` for an output cotangent ``dO``.
 
     :math:`\mathbf G_A = \mathbf G_O\mathbf V^\top`, :math:`\mathbf G_V = \mathbf A^\top\mathbf G_O`,
@@ -162,18 +172,28 @@ def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None):
     ``dO`` may carry extra leading dimensions (e.g. ``[C, N, H, L, d_v]``); they broadcast.
     ``A`` may be ``None`` (recomputed chunk by chunk from ``Q, K``: no ``[..., L, L]`` tensor
     is ever materialised whole).
+
+    With the core's output ``O = A V`` (softmax), the row sums of the softmax Jacobian come from
+    ``O`` as in flash attention's backward: :math:`\mathbf G_T = \mathbf A\odot(\mathbf G_A - \boldsymbol\rho)`,
+    :math:`\boldsymbol\rho = \mathrm{rowsum}(\mathbf G_O\odot\mathbf O)` (an ``[..., L, d]`` reduction
+    instead of an ``[..., L, L]`` one).
     """
     scale = 1.0 / math.sqrt(Q.shape[-1])
+    use_O = O is not None and kind == SOFTMAX
 
-    def f(Q, K, V, A, dO, allowed):
+    def f(Q, K, V, A, dO, allowed, O):
         if A is None:
             A = attention_matrix(Q, K, allowed, kind)
-        G_A = dO @ V.transpose(-1, -2)
         G_V = A.transpose(-1, -2) @ dO
-        G_T = softmax_jvp(A, G_A, kind, allowed).mul_(scale)
+        dO = dO * scale
+        G_A = dO @ V.transpose(-1, -2)
+        if use_O:
+            G_T = (G_A - (dO * O).sum(-1, keepdim=True)) * A
+        else:
+            G_T = softmax_jvp(A, G_A, kind, allowed)
         return G_T @ K, G_T.transpose(-1, -2) @ Q, G_V
 
-    return chunked(f, Q, K, V, A, dO, allowed, L=Q.shape[-2])
+    return chunked(f, Q, K, V, A, dO, allowed, O if use_O else None, L=Q.shape[-2])
 
 
 def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):

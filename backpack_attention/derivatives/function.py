@@ -44,19 +44,19 @@ class SoftmaxAttentionCore(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         Q, K, V, allowed, _ = inputs
         ctx.allowed = allowed
-        ctx.save_for_backward(Q, K, V)
-        ctx.save_for_forward(Q, K, V)
+        ctx.save_for_backward(Q, K, V, output)
+        ctx.save_for_forward(Q, K, V, output)
 
     @staticmethod
     def backward(ctx, dO):
-        Q, K, V = ctx.saved_tensors
-        G_Q, G_K, G_V = core_vjp(Q, K, V, None, dO, allowed=ctx.allowed)
+        Q, K, V, O = ctx.saved_tensors
+        G_Q, G_K, G_V = core_vjp(Q, K, V, None, dO, allowed=ctx.allowed, O=O)
         return G_Q, G_K, G_V, None, None
 
     @staticmethod
     def jvp(ctx, dQ, dK, dV, _dallowed, _dcausal):
-        Q, K, V = ctx.saved_tensors
-        return core_jvp(Q, K, V, None, dQ, dK, dV, allowed=ctx.allowed)
+        Q, K, V, O = ctx.saved_tensors
+        return core_jvp(Q, K, V, None, dQ, dK, dV, allowed=ctx.allowed, O=O)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,18 +108,21 @@ class CachedSoftmaxCore(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs, output)
 
     @staticmethod
     def backward(ctx, dO):
-        Q, K, V, A = ctx.saved_tensors
+        Q, K, V, A, O = ctx.saved_tensors
         if _Mode.constant_inputs:
             Q, K, V = Q.detach(), K.detach(), V.detach()
-        return SoftmaxCoreBackward.apply(Q, K, V, A, dO) + (None,)
+        return SoftmaxCoreBackward.apply(Q, K, V, A, O.detach(), dO) + (None,)
 
 
 class SoftmaxCoreBackward(torch.autograd.Function):
-    r"""``(Q, K, V, A, G_O) -> core_vjp(Q, K, V, A, G_O)`` with a closed-form backward.
+    r"""``(Q, K, V, A, O, G_O) -> core_vjp(Q, K, V, A, G_O)`` with a closed-form backward.
+
+    ``A`` and ``O = A V`` are constants of the cached forward pass (they speed up the products;
+    the derivatives in ``Q, K, V`` are the closed forms, which account for their dependence).
 
     Backward, for cotangents ``(c_Q, c_K, c_V)`` of the outputs: the cotangent of ``G_O`` is
     :func:`core_jvp` of ``(c_Q, c_K, c_V)`` (the VJP is linear in ``G_O``) and those of
@@ -130,8 +133,8 @@ class SoftmaxCoreBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(Q, K, V, A, G_O):
-        return core_vjp(Q, K, V, A, G_O)
+    def forward(Q, K, V, A, O, G_O):
+        return core_vjp(Q, K, V, A, G_O, O=O)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -139,11 +142,11 @@ class SoftmaxCoreBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, c_Q, c_K, c_V):
-        Q, K, V, A, G_O = ctx.saved_tensors
+        Q, K, V, A, O, G_O = ctx.saved_tensors
         if not any(ctx.needs_input_grad[:3]):
-            return None, None, None, None, core_jvp(Q, K, V, A, c_Q, c_K, c_V)
+            return None, None, None, None, None, core_jvp(Q, K, V, A, c_Q, c_K, c_V, O=O)
         dG_Q, dG_K, dG_V, dO = core_hvp(Q, K, V, A, G_O, c_Q, c_K, c_V)
-        return dG_Q, dG_K, dG_V, None, dO
+        return dG_Q, dG_K, dG_V, None, None, dO
 
 
 def softmax_attention(
