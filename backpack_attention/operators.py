@@ -55,6 +55,7 @@ from torch.autograd import grad
 
 from backpack_attention._compat import PyTorchLinearOperator, as_param_list
 from backpack_attention.derivatives.function import cached_attention, linear_backward
+from backpack_attention.derivatives.layernorm import layer_norm_nodes
 from backpack_attention.derivatives.loss import batch_weight
 from backpack_attention.module import MultiheadSelfAttention
 
@@ -164,7 +165,8 @@ class _BatchState:
 
     def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
         self.model, self.loss_func, self.params, self.y = model, loss_func, params, y
-        with torch.enable_grad(), _RequiresGrad(model, params), cached_attention(), _CallRecorder(layers) as rec:
+        with torch.enable_grad(), _RequiresGrad(model, params), cached_attention(), layer_norm_nodes(model), \
+                _CallRecorder(layers) as rec:
             self.out = model(X)
         missing = sorted(set(layers) - rec.called)
         if missing:

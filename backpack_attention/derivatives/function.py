@@ -93,6 +93,11 @@ def linear_backward():
         _Mode.constant_inputs = old
 
 
+def linear_backward_active() -> bool:
+    """Whether backward passes run inside :func:`linear_backward` (read by closed-form nodes)."""
+    return _Mode.constant_inputs
+
+
 class CachedSoftmaxCore(torch.autograd.Function):
     """``O = A V`` with a precomputed ``A = softmax(Q K^T / sqrt(d) + mask)`` (a constant input).
 
