@@ -21,6 +21,9 @@ from backpack_attention.derivatives.function import softmax_attention
 
 BLOCK_NAMES = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
 
+#: The module's parameters, in the order of ``module.parameters()`` (and of :func:`param_index`).
+PARAM_NAMES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+
 
 def _bool_mask(mask, name: str):
     """torch's float masks (0 = keep, -inf = mask out), as nn.TransformerEncoderLayer passes them, to bool."""

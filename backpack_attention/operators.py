@@ -57,12 +57,9 @@ from backpack_attention._compat import PyTorchLinearOperator, as_param_list
 from backpack_attention.derivatives.function import cached_attention, linear_backward
 from backpack_attention.derivatives.layernorm import layer_norm_nodes
 from backpack_attention.derivatives.loss import batch_weight
-from backpack_attention.module import MultiheadSelfAttention
+from backpack_attention.module import PARAM_NAMES, MultiheadSelfAttention
 
 PARTS = ("full", "outer", "functional")
-
-#: Names of a layer's parameters, in the order of ``module.parameters()``.
-PARAM_NAMES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
 
 
 # ---------------------------------------------------------------------------------------------

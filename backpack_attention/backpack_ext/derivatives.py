@@ -35,7 +35,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from backpack_attention.derivatives.core import attention_matrix, core_jvp, core_vjp
-from backpack_attention.module import MultiheadSelfAttention
+from backpack_attention.module import PARAM_NAMES, MultiheadSelfAttention
 
 #: Largest number of ``float`` entries of the ``[V, N, H, L, L]`` core intermediates
 #: materialised at once; the free axis ``V`` is processed in chunks below this size.
@@ -105,7 +105,7 @@ class MHSADerivatives(BaseParameterDerivatives):
     the input product to the same ``mat``.
     """
 
-    PARAMS = ["in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"]
+    PARAMS = list(PARAM_NAMES)
 
     # ---- structure --------------------------------------------------------------------
     def hessian_is_zero(self, module: MultiheadSelfAttention) -> bool:
