@@ -377,7 +377,7 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         loss, grads = 0.0, [torch.zeros_like(p) for p in self._params]
         for X, y in self._data:
             f = self._factor(X)
-            with torch.enable_grad():
+            with torch.enable_grad(), _RequiresGrad(self._model_func, self._params):
                 ell = self._loss_func(self._model_func(X), y) * f
                 gs = grad(ell, self._params, allow_unused=True)
             loss += ell.item()

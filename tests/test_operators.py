@@ -328,3 +328,19 @@ def test_equal_dense_hessian_blocks(problem):
             assert _rel(op @ V, blocks.matrix(part) @ V, scale=HV.norm()) < TOL, (problem, part)
         G = AttentionGGNLinearOperator(model, loss_func, params, data)
         assert _rel(G @ V, blocks.matrix("outer") @ V) < TOL
+
+
+def test_frozen_params_and_flags_restored():
+    """A selected parameter with requires_grad=False still works; the model's flags are left as they were."""
+    model, loss_func, data = _problem("padded")
+    params = _attn_params(model)
+    model.mlp[0].weight.requires_grad_(False)
+    params[0].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    V = torch.randn(sum(p.numel() for p in params), 2, dtype=DT, generator=torch.Generator().manual_seed(2))
+    G = AttentionGGNLinearOperator(model, loss_func, params, data) @ V
+    H = AttentionHessianLinearOperator(model, loss_func, params, data) @ V
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    params[0].requires_grad_(True)  # curvlinops differentiates only parameters that require grad
+    assert _rel(G, _reference("ggn", model, loss_func, params, data, V)) < TOL
+    assert _rel(H, _reference("hessian", model, loss_func, params, data, V)) < TOL
