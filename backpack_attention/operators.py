@@ -16,8 +16,10 @@ forms its attention matrix :math:`\mathbf A` once and becomes a
 :class:`~backpack_attention.derivatives.function.CachedSoftmaxCore`, whose first *and second*
 derivatives are closed forms on the cached :math:`\mathbf A`
 (:func:`~backpack_attention.derivatives.core.core_vjp`, ``core_jvp``, ``core_hvp``, computed in
-cache-sized chunks). The forward graph is kept; the rest of the network (projections, MLPs,
-LayerNorms, residuals, readout) is differentiated by autograd on that graph.
+cache-sized chunks). ``nn.LayerNorm`` outputs become
+:class:`~backpack_attention.derivatives.layernorm.CachedLayerNorm` nodes (closed-form JVP for the
+GGN's double-VJP pass). The forward graph is kept; the rest of the network (projections, MLPs,
+residuals, readout) is differentiated by autograd on that graph.
 
 * GGN: :math:`\mathbf G\mathbf v = \mathbf J^\top\boldsymbol\Lambda\mathbf J\mathbf v`. The backward
   graph :math:`\mathbf u\mapsto\mathbf J^\top\mathbf u` is recorded once per batch (inside
