@@ -116,6 +116,12 @@ def test_chunking_really_slices(monkeypatch):
     assert torch.equal(out, 2 * Q)
 
 
+def test_chunk_size_per_device():
+    """Cache-sized slices on the CPU; on accelerators chunks only bound memory (no tiny kernels)."""
+    assert core.chunk_bytes(torch.device("cpu")) == core.CHUNK_BYTES
+    assert core.chunk_bytes(torch.device("cuda", 0)) == core.ACCELERATOR_CHUNK_BYTES > 100 * core.CHUNK_BYTES
+
+
 def test_autograd_functions_second_order(chunk_bytes):
     """Fused and cached cores: Hessians (double backward) and forward mode equal the math path."""
     Q, K, V, dQ, dK, dV, G_O, allowed = _inputs(mask="padding")

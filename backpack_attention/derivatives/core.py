@@ -74,10 +74,20 @@ def core_forward(Q: Tensor, K: Tensor, V: Tensor, allowed: Optional[Tensor], kin
 # ---------------------------------------------------------------------------------------------
 # cache-sized chunks of the L x L work
 # ---------------------------------------------------------------------------------------------
-#: Bytes of ``[..., L, L]`` intermediates the closed forms handle at once. The products below make
-#: 5-20 passes over L x L matrices; one chunk of this size stays in the CPU's L2 cache across
-#: them, which makes long sequences several times faster than whole-tensor ops (memory bound).
+#: Bytes of ``[..., L, L]`` intermediates the closed forms handle at once on the CPU. The products
+#: below make 5-20 passes over L x L matrices; one chunk of this size stays in the CPU's L2 cache
+#: across them, which makes long sequences several times faster than whole-tensor ops (memory
+#: bound).
 CHUNK_BYTES = 1 << 20
+
+#: The same on accelerators, where small slices would only add kernel launches: chunks there only
+#: bound the memory of the ``[..., L, L]`` intermediates.
+ACCELERATOR_CHUNK_BYTES = 1 << 28
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Chunk size for :func:`chunked` on ``device`` (:data:`CHUNK_BYTES` on the CPU)."""
+    return CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
 
 
 def chunked(f, *args: Optional[Tensor], L: int):
@@ -86,19 +96,20 @@ def chunked(f, *args: Optional[Tensor], L: int):
     ``args`` are ``[..., rows, cols]`` tensors (or ``None``) whose leading dimensions broadcast;
     ``f`` returns a tuple of tensors with the broadcast leading dimensions. The leading
     dimensions are split so that one slice's ``[..., L, L]`` intermediates are about
-    :data:`CHUNK_BYTES`; results are concatenated. Exact: every output entry is computed from
-    the same inputs as without chunking.
+    :func:`chunk_bytes` of the device; results are concatenated. Exact: every output entry is
+    computed from the same inputs as without chunking.
     """
     present = [a for a in args if a is not None]
     batch = torch.broadcast_shapes(*(a.shape[:-2] for a in present))
     itemsize = present[0].element_size()
+    budget = chunk_bytes(present[0].device)
     nb = len(batch)
 
     def rec(args, dim: int):
         rest = math.prod(batch[dim + 1:]) * L * L * itemsize
-        if dim == nb or rest * batch[dim] <= CHUNK_BYTES:
+        if dim == nb or rest * batch[dim] <= budget:
             return f(*args)
-        step = max(1, CHUNK_BYTES // rest)
+        step = max(1, budget // rest)
         pos = dim - nb - 2  # the dimension, counted from the right
         outs = []
         for i in range(0, batch[dim], step):
