@@ -101,7 +101,7 @@ class _RequiresGrad:
     """Context: only ``params`` require grad (graphs carry nothing else); restores the flags."""
 
     def __init__(self, model: nn.Module, params: List[Tensor]):
-        self.flags = [(p, p.requires_grad) for p in model.parameters()] + [(p, p.requires_grad) for p in params]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]  # params are among them
         self.params = params
 
     def __enter__(self):
@@ -111,7 +111,7 @@ class _RequiresGrad:
             p.requires_grad_(True)
 
     def __exit__(self, *exc):
-        for p, flag in reversed(self.flags):
+        for p, flag in self.flags:
             p.requires_grad_(flag)
 
 
@@ -159,13 +159,13 @@ class _BatchState:
     """Cached forward pass of one batch and the products on it (unnormalised: one batch's loss).
 
     Products take and return tensor lists in parameter shapes; with ``batched`` every tangent
-    carries a leading column axis (autograd's ``is_grads_batched``).
+    carries a leading column axis (autograd's ``is_grads_batched``). Construct and use it inside
+    ``_RequiresGrad(model, params)``.
     """
 
     def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
-        self.model, self.loss_func, self.params, self.y = model, loss_func, params, y
-        with torch.enable_grad(), _RequiresGrad(model, params), cached_attention(), layer_norm_nodes(model), \
-                _CallRecorder(layers) as rec:
+        self.loss_func, self.params, self.y = loss_func, params, y
+        with torch.enable_grad(), cached_attention(), layer_norm_nodes(model), _CallRecorder(layers) as rec:
             self.out = model(X)
         missing = sorted(set(layers) - rec.called)
         if missing:
@@ -173,13 +173,13 @@ class _BatchState:
         self._ggn = None
         self._hess = None
 
-    def _grads(self, outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
-        with _RequiresGrad(self.model, self.params):
-            return _grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=batched)
+    @staticmethod
+    def _grads(outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
+        return _grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=batched)
 
     # -- GGN -----------------------------------------------------------------------------------
     def _build_ggn(self):
-        with torch.enable_grad(), _RequiresGrad(self.model, self.params):
+        with torch.enable_grad():
             out_d = self.out.detach().requires_grad_(True)
             g_out = grad(self.loss_func(out_d, self.y), out_d, create_graph=True)[0]
             u = torch.zeros_like(self.out, requires_grad=True)
@@ -202,7 +202,7 @@ class _BatchState:
 
     # -- Hessian -------------------------------------------------------------------------------
     def _build_hessian(self):
-        with torch.enable_grad(), _RequiresGrad(self.model, self.params):
+        with torch.enable_grad():
             loss = self.loss_func(self.out, self.y)
             self._hess = _grad([loss], self.params, [torch.ones_like(loss)], create_graph=True, retain_graph=True)
 
@@ -352,23 +352,25 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     def _matmat(self, M: List[Tensor], use_cache: bool = True) -> List[Tensor]:
         """``M``: tensor list ``[*p.shape, K]``; returns the same layout.
 
-        Columns are processed ``column_chunk`` at a time, vectorised (``vmap`` for the closed-form
-        parts, ``is_grads_batched`` for the autograd parts); a single column runs unbatched.
+        Columns are processed ``column_chunk`` at a time, vectorised by autograd's
+        ``is_grads_batched`` (the closed-form nodes have generated vmap rules); a single column
+        runs unbatched. Graphs are built and differentiated with only ``params`` requiring grad.
         """
         out = [torch.zeros_like(m) for m in M]
         K = M[0].shape[-1]
         Mt = [m.movedim(-1, 0) for m in M]  # [K, *p.shape]
-        for state in self._states(use_cache):
-            for k0 in range(0, K, self._chunk):
-                k1 = min(K, k0 + self._chunk)
-                if k1 - k0 == 1:
-                    res = [None if r is None else r.unsqueeze(0)
-                           for r in self._batch_mv(state, [m[k0] for m in Mt], False)]
-                else:
-                    res = self._batch_mv(state, [m[k0:k1] for m in Mt], True)
-                for o, r in zip(out, res):
-                    if r is not None:
-                        o[..., k0:k1].add_(r.detach().movedim(0, -1), alpha=state.factor)
+        with _RequiresGrad(self._model_func, self._params):
+            for state in self._states(use_cache):
+                for k0 in range(0, K, self._chunk):
+                    k1 = min(K, k0 + self._chunk)
+                    if k1 - k0 == 1:
+                        res = [None if r is None else r.unsqueeze(0)
+                               for r in self._batch_mv(state, [m[k0] for m in Mt], False)]
+                    else:
+                        res = self._batch_mv(state, [m[k0:k1] for m in Mt], True)
+                    for o, r in zip(out, res):
+                        if r is not None:
+                            o[..., k0:k1].add_(r.detach().movedim(0, -1), alpha=state.factor)
         if _distributed():  # data parallel: each rank holds its shard's sum
             for o in out:
                 torch.distributed.all_reduce(o)

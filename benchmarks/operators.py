@@ -58,14 +58,13 @@ class TorchAttention(nn.Module):
         return self.mha(x, x, x, attn_mask=mask, need_weights=False, is_causal=self.causal)[0]
 
 
-def torch_twin(model, params):
-    """A copy of the benchmark model with ``nn.MultiheadAttention`` layers, and its ``params``."""
+def torch_twin(model):
+    """A copy of the benchmark model with ``nn.MultiheadAttention`` layers, and each layer's
+    attention parameters (in the order of ours: in_proj weight and bias, out_proj weight and bias)."""
     twin = copy.deepcopy(model)
     for block in twin[0].blocks:
         block.attn = TorchAttention(block.attn)
-    per_layer = [[b.attn.mha.in_proj_weight, b.attn.mha.in_proj_bias, b.attn.mha.out_proj.weight,
-                  b.attn.mha.out_proj.bias] for b in twin[0].blocks]
-    return twin, per_layer
+    return twin, [list(b.attn.mha.parameters()) for b in twin[0].blocks]
 
 
 @contextlib.contextmanager
@@ -132,7 +131,7 @@ def eigsh_run(op, v0, k, tol, ctx=None):
 
 def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=3, do_eigsh=True):
     model, loss_func, params, data = problem(L, N, d, heads, layers)
-    twin, twin_layers = torch_twin(model, params)
+    twin, twin_layers = torch_twin(model)
     twin_params = [p for ps in twin_layers for p in ps]
     (X, y), = data
     with torch.no_grad(), torch_math():  # the twin computes the same function
@@ -149,8 +148,8 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=3, do_eigsh
 
     row["grad"] = median_time(gradient, repeats)
     row["grad_torch"], row["r_grad_torch"] = median_time(gradient_torch, repeats, gradient)
-    for key, net, ps, ctx in (("clt", twin, twin_params, torch_math), ("cl", model, params, torch_math)):
-        with ctx():
+    for key, net, ps in (("clt", twin, twin_params), ("cl", model, params)):
+        with torch_math():
             Gc = curvlinops_operator("ggn", net, loss_func, ps, data, check_deterministic=False)
             Hc = curvlinops_operator("hessian", net, loss_func, ps, data, check_deterministic=False)
             row[f"{key}_ggn"], row[f"r_{key}_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
