@@ -242,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--eig-repeats", type=int, default=3, help="interleaved eigsh runs per operator (median)")
     ap.add_argument("--output", default="docs/benchmarks.md")
     args = ap.parse_args(argv)
+    if args.eig_repeats < 1:
+        ap.error(f"--eig-repeats must be >= 1, got {args.eig_repeats}")
     torch.set_num_threads(args.threads)
     if args.quick:
         cfg = dict(N=4, d=16, heads=4, layers=args.layers, repeats=3)
