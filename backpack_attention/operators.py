@@ -139,6 +139,12 @@ def _grad(outputs, inputs, grad_outputs, **kw) -> List[Optional[Tensor]]:
     return list(grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kw))
 
 
+def _normal(t):
+    """``t`` itself, or a normal copy if it was created under ``torch.inference_mode`` (inference
+    tensors cannot enter autograd graphs)."""
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -337,7 +343,7 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                 yield self._cache[i]
                 continue
             self._check_batch(X, y)
-            state = _BatchState(self._model_func, self._loss_func, self._params, self._layers, X, y)
+            state = _BatchState(self._model_func, self._loss_func, self._params, self._layers, _normal(X), _normal(y))
             state.factor = self._factor(X)
             if use_cache and i < self._max_cached:
                 self._cache[i] = state
@@ -349,13 +355,24 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     def _batch_mv(self, state: _BatchState, v: List[Tensor], batched: bool) -> List[Optional[Tensor]]:
         raise NotImplementedError
 
+    @torch.inference_mode(False)
     def _matmat(self, M: List[Tensor], use_cache: bool = True) -> List[Tensor]:
         """``M``: tensor list ``[*p.shape, K]``; returns the same layout.
 
         Columns are processed ``column_chunk`` at a time, vectorised by autograd's
         ``is_grads_batched`` (the closed-form nodes have generated vmap rules); a single column
         runs unbatched. Graphs are built and differentiated with only ``params`` requiring grad.
+
+        Raises:
+            ValueError: ``M`` has another dtype or device than the operator (before any work).
         """
+        for m in M:
+            if m.dtype != self._dtype or m.device != self._device:
+                raise ValueError(
+                    f"the vector/matrix has dtype {m.dtype} on {m.device}, but the operator has dtype {self._dtype} "
+                    f"on {self._device}: pass v.to(op.dtype) / v.to(op.device) (or use op.to_scipy(), which casts)"
+                )
+        M = [_normal(m) for m in M]
         out = [torch.zeros_like(m) for m in M]
         K = M[0].shape[-1]
         Mt = [m.movedim(-1, 0) for m in M]  # [K, *p.shape]
@@ -377,10 +394,12 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         return out
 
     # -- determinism ---------------------------------------------------------------------------
+    @torch.inference_mode(False)
     def _loss_and_gradient(self):
         loss, grads = 0.0, [torch.zeros_like(p) for p in self._params]
         for X, y in self._data:
             f = self._factor(X)
+            X, y = _normal(X), _normal(y)
             with torch.enable_grad(), _RequiresGrad(self._model_func, self._params):
                 ell = self._loss_func(self._model_func(X), y) * f
                 gs = grad(ell, self._params, allow_unused=True)

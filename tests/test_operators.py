@@ -344,3 +344,25 @@ def test_frozen_params_and_flags_restored():
     params[0].requires_grad_(True)  # curvlinops differentiates only parameters that require grad
     assert _rel(G, _reference("ggn", model, loss_func, params, data, V)) < TOL
     assert _rel(H, _reference("hessian", model, loss_func, params, data, V)) < TOL
+
+
+def test_inference_mode_and_vector_dtype():
+    """Operators built and applied under torch.inference_mode (data and vectors are then inference
+    tensors) give the same products; a vector of another dtype is refused by name, harmlessly."""
+    model, loss_func, data = _problem("padded")
+    params = _attn_params(model)
+    P = sum(p.numel() for p in params)
+    V = torch.randn(P, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
+    G_ref = _reference("ggn", model, loss_func, params, data, V)
+    H_ref = _reference("hessian", model, loss_func, params, data, V)
+    with torch.inference_mode():
+        data_inf = [(X.clone(), y.clone()) for X, y in data]
+        V_inf = V.clone()
+        assert V_inf.is_inference() and data_inf[0][0].is_inference()
+        G = AttentionGGNLinearOperator(model, loss_func, params, data_inf)
+        H = AttentionHessianLinearOperator(model, loss_func, params, data_inf)
+        g, h = G @ V_inf, H @ V_inf
+    assert _rel(g, G_ref) < TOL and _rel(h, H_ref) < TOL
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        G @ V.float()
+    assert _rel(G @ V, G_ref) < TOL
