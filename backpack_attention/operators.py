@@ -142,6 +142,8 @@ def _grad(outputs, inputs, grad_outputs, **kw) -> List[Optional[Tensor]]:
 def _normal(t):
     """``t`` itself, or a normal copy if it was created under ``torch.inference_mode`` (inference
     tensors cannot enter autograd graphs)."""
+    if isinstance(t, MutableMapping):
+        return type(t)({k: _normal(v) for k, v in t.items()})
     return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 

@@ -366,3 +366,49 @@ def test_inference_mode_and_vector_dtype():
     with pytest.raises(ValueError, match="dtype torch.float32"):
         G @ V.float()
     assert _rel(G @ V, G_ref) < TOL
+
+
+class DictNet(nn.Module):
+    """PaddedNet behind a dict input ``{"tokens": X}`` (data with dict-like X needs batch_size_fn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = PaddedNet()
+
+    def forward(self, X):
+        return self.net(X["tokens"])
+
+
+def test_streaming_chunked_columns_num_data_and_dict_inputs():
+    """max_cached_batches (all, one, none cached), column_chunk (batched and single columns),
+    an explicit num_data and dict-like X with batch_size_fn all give curvlinops' products."""
+    model, loss_func, data = _problem("padded")  # 2 batches, mean reduction
+    params = _attn_params(model)
+    P = sum(p.numel() for p in params)
+    V = torch.randn(P, 5, dtype=DT, generator=torch.Generator().manual_seed(6))
+    G_ref = _reference("ggn", model, loss_func, params, data, V)
+    H_ref = _reference("hessian", model, loss_func, params, data, V)
+    for cached in (8, 1, 0):
+        for chunk in (16, 2):  # 5 columns: one batched chunk, or chunks of 2, 2 and a single column
+            kw = dict(max_cached_batches=cached, column_chunk=chunk)
+            G = AttentionGGNLinearOperator(model, loss_func, params, data, **kw)
+            H = AttentionHessianLinearOperator(model, loss_func, params, data, part="functional", **kw)
+            for _ in range(2):  # the second round reuses whatever was cached
+                assert _rel(G @ V, G_ref) < TOL, (cached, chunk)
+                assert _rel(H @ V, H_ref - G_ref, scale=H_ref.norm()) < TOL, (cached, chunk)
+    # num_data other than the number of data points rescales mean-reduced products as in curvlinops
+    N = sum(X.shape[0] for X, _ in data)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = curvlinops_operator("ggn", model, loss_func, params, data, num_data=3 * N, check_deterministic=False) @ V
+    G = AttentionGGNLinearOperator(model, loss_func, params, data, num_data=3 * N)
+    assert _rel(G @ V, ref) < TOL and _rel(ref, G_ref / 3) < TOL
+    # dict-like X
+    dict_model = DictNet()
+    dict_model.net.load_state_dict(model.state_dict())
+    dict_data = [({"tokens": X}, y) for X, y in data]
+    dict_params = _attn_params(dict_model)
+    size = lambda X: X["tokens"].shape[0]  # noqa: E731
+    with pytest.raises(ValueError, match="batch_size_fn"):
+        AttentionGGNLinearOperator(dict_model, loss_func, dict_params, dict_data)
+    G = AttentionGGNLinearOperator(dict_model, loss_func, dict_params, dict_data, batch_size_fn=size)
+    assert _rel(G @ V, G_ref) < TOL
