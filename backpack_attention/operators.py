@@ -29,7 +29,8 @@ residuals, readout) is differentiated by autograd on that graph.
   :math:`\boldsymbol\Lambda` and one backward pass through the cached forward graph.
 * Hessian: the gradient graph :math:`\nabla_\theta\mathcal L` is recorded once per batch; a
   product is one backward pass through it (attention cores by ``core_hvp`` and ``core_vjp``).
-  ``part="functional"`` is the Hessian product minus the GGN product.
+  ``part="functional"`` (:math:`\mathbf H - \mathbf G`) is one backward pass through the recorded
+  graph of :math:`\mathbf J^\top\mathbf g` with the output gradient :math:`\mathbf g` held constant.
 
 Every layer is traversed once per direction, so cross-layer blocks, shared (repeated) layers
 and layers below or above the selected ones cost no extra passes.
@@ -180,6 +181,7 @@ class _BatchState:
             raise ValueError(f"attention layers {missing} own selected params but are not called by the model's forward")
         self._ggn = None
         self._hess = None
+        self._func = None
 
     @staticmethod
     def _grads(outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
@@ -219,6 +221,21 @@ class _BatchState:
         if self._hess is None:
             self._build_hessian()
         return self._grads(self._hess, self.params, v, batched)
+
+    # -- functional part -----------------------------------------------------------------------
+    def _build_functional(self):
+        with torch.enable_grad():
+            out_d = self.out.detach().requires_grad_(True)
+            (g_out,) = grad(self.loss_func(out_d, self.y), out_d)  # a constant cotangent
+            self._func = _grad([self.out], self.params, [g_out], create_graph=True, retain_graph=True)
+
+    def functional_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
+        """``(H - G) v`` for one batch: the derivative of :math:`\mathbf J^\top\mathbf g` at the
+        constant output gradient :math:`\mathbf g = \nabla_{\mathbf f}\ell` (one backward pass through
+        its recorded graph; no GGN product needed)."""
+        if self._func is None:
+            self._build_functional()
+        return self._grads(self._func, self.params, v, batched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +490,6 @@ class AttentionHessianLinearOperator(_AttentionCurvatureLinearOperator):
     def _batch_mv(self, state, v, batched):
         if self.part == "outer":
             return state.ggn_mv(v, batched)
-        h = state.hessian_mv(v, batched)
-        if self.part == "full":
-            return h
-        g = state.ggn_mv(v, batched)
-        return [None if a is None and b is None else (a if b is None else (-b if a is None else a - b)) for a, b in zip(h, g)]
+        if self.part == "functional":
+            return state.functional_mv(v, batched)
+        return state.hessian_mv(v, batched)
