@@ -230,7 +230,7 @@ class _BatchState:
             self._func = _grad([self.out], self.params, [g_out], create_graph=True, retain_graph=True)
 
     def functional_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
-        """``(H - G) v`` for one batch: the derivative of :math:`\mathbf J^\top\mathbf g` at the
+        r"""``(H - G) v`` for one batch: the derivative of :math:`\mathbf J^\top\mathbf g` at the
         constant output gradient :math:`\mathbf g = \nabla_{\mathbf f}\ell` (one backward pass through
         its recorded graph; no GGN product needed)."""
         if self._func is None:
