@@ -74,10 +74,10 @@ def test_core_products_match_torch_func(chunk_bytes, kind, mask):
                         jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
             for a, b in zip(core_vjp(Q, K, V, A_, G_O, kind, allowed, O=O_), ref_vjp):
                 assert _rel(a, b) < TOL
-        out = core_hvp(Q, K, V, A_, G_O, dQ, dK, dV, kind, allowed)
-        for a, b in zip(out[:3], ref_hvp):
-            assert _rel(a, b) < TOL
-        assert _rel(out[3], ref_jvp) < TOL
+            out = core_hvp(Q, K, V, A_, G_O, dQ, dK, dV, kind, allowed, O=O_)
+            for a, b in zip(out[:3], ref_hvp):
+                assert _rel(a, b) < TOL
+            assert _rel(out[3], ref_jvp) < TOL
     # zero (None) tangents
     assert _rel(core_jvp(Q, K, V, A, None, dK, None, kind, allowed), jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
     _, ref_hvp_v = jvp(grad(lambda Q, K, V: (G_O * f(Q, K, V)).sum(), argnums=(0, 1, 2)), (Q, K, V), (0 * dQ, 0 * dK, dV))

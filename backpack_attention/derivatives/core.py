@@ -207,7 +207,7 @@ def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None, O=None):
     return chunked(f, Q, K, V, A, dO, allowed, O if use_O else None, L=Q.shape[-2])
 
 
-def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):
+def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None):
     r"""Second-order product of the core for a fixed output cotangent ``G_O``.
 
     The core's VJP :math:`(\mathbf G_Q, \mathbf G_K, \mathbf G_V) = \nabla_{Q,K,V}\langle\mathbf G_O,
@@ -228,11 +228,14 @@ def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):
       :math:`\mathrm d\mathbf G_K = \mathrm d\mathbf G_T^\top\mathbf Q + \mathbf G_T^\top\mathrm d\mathbf Q`.
 
     ``G_A``, ``rho`` and ``G_T`` are recomputed chunk by chunk (cheaper than reading them back
-    from memory for long sequences). ``None`` tangents are zero.
+    from memory for long sequences). ``None`` tangents are zero. With the core's output
+    ``O = A V`` (softmax), :math:`\boldsymbol\rho = \mathrm{rowsum}(\mathbf G_O\odot\mathbf O)`
+    (as in :func:`core_vjp`: an ``[..., L, d]`` reduction instead of an ``[..., L, L]`` one).
     """
     scale = 1.0 / math.sqrt(Q.shape[-1])
+    use_O = O is not None and kind == SOFTMAX
 
-    def f(Q, K, V, A, G_O, dQ, dK, dV, allowed):
+    def f(Q, K, V, A, G_O, dQ, dK, dV, allowed, O):
         if A is None:
             A = attention_matrix(Q, K, allowed, kind)
         zero = torch.zeros((), dtype=Q.dtype, device=Q.device)
@@ -244,9 +247,13 @@ def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):
         dT.mul_(scale)
         dG_A = G_O @ dV_.transpose(-1, -2)
         if kind == SOFTMAX:
-            AG = A * G_A
-            rho = AG.sum(-1, keepdim=True)
-            G_T = (AG - A * rho).mul_(scale)
+            if use_O:
+                rho = (G_O * O).sum(-1, keepdim=True)
+                G_T = (G_A - rho).mul_(A).mul_(scale)
+            else:
+                AG = A * G_A
+                rho = AG.sum(-1, keepdim=True)
+                G_T = (AG - A * rho).mul_(scale)
             AdT = A * dT
             dA = torch.addcmul(AdT, A, AdT.sum(-1, keepdim=True), value=-1.0)
             S = torch.addcmul(dA * G_A, A, dG_A)
@@ -262,4 +269,4 @@ def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None):
         dO = dA @ V + A @ dV_
         return dG_Q, dG_K, dG_V, dO
 
-    return chunked(f, Q, K, V, A, G_O, dQ, dK, dV, allowed, L=Q.shape[-2])
+    return chunked(f, Q, K, V, A, G_O, dQ, dK, dV, allowed, O if use_O else None, L=Q.shape[-2])

@@ -150,7 +150,7 @@ class SoftmaxCoreBackward(torch.autograd.Function):
         Q, K, V, A, O, G_O = ctx.saved_tensors
         if not any(ctx.needs_input_grad[:3]):
             return None, None, None, None, None, core_jvp(Q, K, V, A, c_Q, c_K, c_V, O=O)
-        dG_Q, dG_K, dG_V, dO = core_hvp(Q, K, V, A, G_O, c_Q, c_K, c_V)
+        dG_Q, dG_K, dG_V, dO = core_hvp(Q, K, V, A, G_O, c_Q, c_K, c_V, O=O)
         return dG_Q, dG_K, dG_V, None, None, dO
 
 
