@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import nn
+from tqdm.auto import tqdm
 
 from backpack_attention._compat import SubmatrixLinearOperator
 from backpack_attention.module import BLOCK_NAMES, MultiheadSelfAttention, param_index
@@ -68,6 +69,7 @@ def attention_block_eigenvalues(
     dense_max: int = 512,
     tol: float = 0.0,
     seed: int = 0,
+    progress: bool = True,
     **operator_kwargs,
 ) -> List[Dict]:
     """Top-``k`` eigenvalues of each attention block of each layer, per head and per part.
@@ -85,6 +87,7 @@ def attention_block_eigenvalues(
             parts are indefinite).
         dense_max: blocks of at most this size are decomposed densely (exact); larger ones use ``eigsh``.
         tol: ``eigsh`` tolerance (0 = machine precision). seed: ``eigsh`` start vector seed.
+        progress: show a tqdm progress bar over the (layer, block, head, part) eigenproblems.
         operator_kwargs: passed to the operator (``check_deterministic``, ``num_data``, ...).
 
     Returns:
@@ -110,25 +113,27 @@ def attention_block_eigenvalues(
     for i in chosen:
         if not (isinstance(i, int) and 0 <= i < len(all_layers)):
             raise ValueError(f"layers: {i!r} is not in range({len(all_layers)})")
-    rows: List[Dict] = []
+    tasks = []  # (layer, block, head, part), in output order
     for li in chosen:
-        name, mod = all_layers[li]
-        params = list(mod.parameters())
-        op = AttentionHessianLinearOperator(model, loss_func, params, data, **operator_kwargs)
+        mod = all_layers[li][1]
         for block in blocks:
             if block.startswith("b_") and not mod.bias:
                 continue
             heads = [None] + (list(range(mod.num_heads)) if per_head and block != "b_O" else [])
-            for head in heads:
-                idx = param_index(mod, block, head).tolist()
-                for part in parts:
-                    op.part = part  # the operator's batch cache holds both GGN and Hessian terms
-                    sub = SubmatrixLinearOperator(op, idx, idx)
-                    evs = _block_eigs(sub, len(idx), k, which, dense_max, tol, seed)
-                    for w, ev in evs.items():
-                        rows.append({"layer": li, "layer_name": name, "block": block, "head": head,
-                                     "part": part, "which": w, "size": len(idx),
-                                     "eigenvalues": [float(e) for e in ev]})
+            tasks += [(li, block, head, part) for head in heads for part in parts]
+    rows: List[Dict] = []
+    op, op_layer = None, None
+    for li, block, head, part in tqdm(tasks, desc="attention block eigenvalues", unit="block", disable=not progress):
+        name, mod = all_layers[li]
+        if op_layer != li:  # one operator per layer: its batch cache serves all blocks, heads and parts
+            op = AttentionHessianLinearOperator(model, loss_func, list(mod.parameters()), data, **operator_kwargs)
+            op_layer = li
+        idx = param_index(mod, block, head).tolist()
+        op.part = part  # the operator's batch cache holds the GGN, Hessian and functional graphs
+        evs = _block_eigs(SubmatrixLinearOperator(op, idx, idx), len(idx), k, which, dense_max, tol, seed)
+        for w, ev in evs.items():
+            rows.append({"layer": li, "layer_name": name, "block": block, "head": head,
+                         "part": part, "which": w, "size": len(idx), "eigenvalues": [float(e) for e in ev]})
     return rows
 
 
@@ -219,7 +224,7 @@ def report_section(context) -> Dict:
         context["model"], context["loss_func"], context["data"], context.get("k", 5),
         layers=context.get("layers"), blocks=context.get("blocks", DEFAULT_BLOCKS),
         per_head=context.get("per_head", False), parts=context.get("parts", PARTS),
-        which=context.get("which", ("LA", "SA")), **context.get("operator_kwargs", {}),
+        which=context.get("which", ("LA", "SA")), progress=False, **context.get("operator_kwargs", {}),
     )
 
     def draw():

@@ -92,3 +92,14 @@ def test_bad_arguments(problem):
         attention_block_eigenvalues(model, loss_func, data, parts=("diag",))
     with pytest.raises(ValueError, match="layers"):
         attention_block_eigenvalues(model, loss_func, data, layers=[3])
+
+
+def test_progress_bar(problem, capsys):
+    """A tqdm bar over the eigenproblems on stderr, and none with progress=False."""
+    model, loss_func, data = problem
+    kw = dict(k=2, blocks=("W_V",), per_head=True, parts=("outer",))
+    rows = attention_block_eigenvalues(model, loss_func, data, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "attention block eigenvalues" in err and f"{len(rows)}/{len(rows)}" in err
+    attention_block_eigenvalues(model, loss_func, data, progress=False, **kw)
+    assert "attention block eigenvalues" not in capsys.readouterr().err
