@@ -179,6 +179,7 @@ class _BatchState:
         missing = sorted(set(layers) - rec.called)
         if missing:
             raise ValueError(f"attention layers {missing} own selected params but are not called by the model's forward")
+        self._out_grad = None
         self._ggn = None
         self._hess = None
         self._func = None
@@ -188,10 +189,20 @@ class _BatchState:
         return _grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=batched)
 
     # -- GGN -----------------------------------------------------------------------------------
+    def _output_gradient(self) -> Tuple[Tensor, Tensor]:
+        """``(f, g)``: the detached model output and the loss gradient ``g = grad_f loss`` at it, with
+        the graph of ``g`` in ``f`` (its derivative is the loss Hessian Lambda). Shared by the GGN
+        (Lambda) and functional (``g`` as a constant) products."""
+        if self._out_grad is None:
+            with torch.enable_grad():
+                out_d = self.out.detach().requires_grad_(True)
+                (g_out,) = grad(self.loss_func(out_d, self.y), out_d, create_graph=True)
+            self._out_grad = (out_d, g_out)
+        return self._out_grad
+
     def _build_ggn(self):
+        out_d, g_out = self._output_gradient()
         with torch.enable_grad():
-            out_d = self.out.detach().requires_grad_(True)
-            g_out = grad(self.loss_func(out_d, self.y), out_d, create_graph=True)[0]
             u = torch.zeros_like(self.out, requires_grad=True)
             with linear_backward():
                 Jt_u = _grad([self.out], self.params, [u], create_graph=True, retain_graph=True)
@@ -224,9 +235,8 @@ class _BatchState:
 
     # -- functional part -----------------------------------------------------------------------
     def _build_functional(self):
+        g_out = self._output_gradient()[1].detach()  # a constant cotangent
         with torch.enable_grad():
-            out_d = self.out.detach().requires_grad_(True)
-            (g_out,) = grad(self.loss_func(out_d, self.y), out_d)  # a constant cotangent
             self._func = _grad([self.out], self.params, [g_out], create_graph=True, retain_graph=True)
 
     def functional_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
