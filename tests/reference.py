@@ -7,6 +7,11 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+def rel_error(a, b, scale=None) -> float:
+    """Relative error of ``a`` w.r.t. ``b`` (or w.r.t. ``scale`` where ``b`` may be exactly 0)."""
+    return ((a - b).norm() / (b.norm() if scale is None else scale)).item()
+
+
 def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
     """``(H, GGN)`` of the empirical risk w.r.t. ``params`` (concatenated, row-major), curvlinops' weighting."""
     names = []  # in the order of `params`

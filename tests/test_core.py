@@ -25,14 +25,11 @@ from backpack_attention.derivatives.function import (
     linear_backward,
     softmax_attention,
 )
+from reference import rel_error
 
 DT = torch.float64
 TOL = 1e-10
 
-
-def _rel(a, b, scale=None):
-    """Relative error of ``a`` w.r.t. ``b`` (or w.r.t. ``scale`` where ``b`` may be exactly 0)."""
-    return ((a - b).norm() / (b.norm() if scale is None else scale)).item()
 
 
 def _inputs(N=3, H=2, L=5, d=3, seed=0, mask=None):
@@ -69,20 +66,20 @@ def test_core_products_match_torch_func(chunk_bytes, kind, mask):
     O = A @ V
     for A_ in (A, None if kind == "softmax" else A):  # softmax may recompute A chunk by chunk
         for O_ in (None, O):  # with the output, softmax row sums come from O (fewer L x L passes)
-            assert _rel(core_jvp(Q, K, V, A_, dQ, dK, dV, kind, allowed, O=O_), ref_jvp) < TOL
-            assert _rel(core_jvp(Q, K, V, A_, None, dK, None, kind, allowed, O=O_),
+            assert rel_error(core_jvp(Q, K, V, A_, dQ, dK, dV, kind, allowed, O=O_), ref_jvp) < TOL
+            assert rel_error(core_jvp(Q, K, V, A_, None, dK, None, kind, allowed, O=O_),
                         jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
             for a, b in zip(core_vjp(Q, K, V, A_, G_O, kind, allowed, O=O_), ref_vjp):
-                assert _rel(a, b) < TOL
+                assert rel_error(a, b) < TOL
             out = core_hvp(Q, K, V, A_, G_O, dQ, dK, dV, kind, allowed, O=O_)
             for a, b in zip(out[:3], ref_hvp):
-                assert _rel(a, b) < TOL
-            assert _rel(out[3], ref_jvp) < TOL
+                assert rel_error(a, b) < TOL
+            assert rel_error(out[3], ref_jvp) < TOL
     # zero (None) tangents
-    assert _rel(core_jvp(Q, K, V, A, None, dK, None, kind, allowed), jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
+    assert rel_error(core_jvp(Q, K, V, A, None, dK, None, kind, allowed), jvp(f, (Q, K, V), (0 * dQ, dK, 0 * dV))[1]) < TOL
     _, ref_hvp_v = jvp(grad(lambda Q, K, V: (G_O * f(Q, K, V)).sum(), argnums=(0, 1, 2)), (Q, K, V), (0 * dQ, 0 * dK, dV))
     for a, b in zip(core_hvp(Q, K, V, A, G_O, None, None, dV, kind, allowed)[:3], ref_hvp_v):
-        assert _rel(a, b, ref_hvp_v[0].norm()) < TOL
+        assert rel_error(a, b, ref_hvp_v[0].norm()) < TOL
 
 
 def test_broadcast_leading_dimensions(chunk_bytes):
@@ -95,10 +92,10 @@ def test_broadcast_leading_dimensions(chunk_bytes):
     _, pullback = vjp(f, Q, K, V)
     for v in range(4):
         for a, b in zip(out, pullback(G[v])):
-            assert _rel(a[v], b) < TOL
+            assert rel_error(a[v], b) < TOL
     dO = core_jvp(Q, K, V, A, G, None, None, allowed=allowed)
     for v in range(4):
-        assert _rel(dO[v], jvp(f, (Q, K, V), (G[v], 0 * K, 0 * V))[1]) < TOL
+        assert rel_error(dO[v], jvp(f, (Q, K, V), (G[v], 0 * K, 0 * V))[1]) < TOL
 
 
 def test_chunking_really_slices(monkeypatch):
@@ -139,10 +136,10 @@ def test_autograd_functions_second_order(chunk_bytes):
         hess = torch.autograd.functional.hessian(fun, (Q, K, V))
         for i in range(3):
             for j in range(3):
-                assert _rel(hess[i][j], ref[i][j], scale) < TOL
+                assert rel_error(hess[i][j], ref[i][j], scale) < TOL
     _, t_ref = jvp(lambda Q, K, V: core_forward(Q, K, V, allowed)[0], (Q, K, V), (dQ, dK, dV))
     _, t = jvp(lambda Q, K, V: SoftmaxAttentionCore.apply(Q, K, V, allowed, False), (Q, K, V), (dQ, dK, dV))
-    assert _rel(t, t_ref) < TOL
+    assert rel_error(t, t_ref) < TOL
     # linear_backward: the recorded backward graph is linear in the cotangent; its derivative in
     # the cotangent is the JVP (the double-VJP trick), with Q, K, V held constant
     Qr, Kr, Vr = (t.clone().requires_grad_(True) for t in (Q, K, V))
@@ -152,5 +149,5 @@ def test_autograd_functions_second_order(chunk_bytes):
     with linear_backward():
         gQ, gK, gV = torch.autograd.grad(O, (Qr, Kr, Vr), u, create_graph=True)
     (Jv,) = torch.autograd.grad((gQ, gK, gV), u, (dQ, dK, dV))
-    assert _rel(Jv, t_ref) < TOL
+    assert rel_error(Jv, t_ref) < TOL
     assert type(O.grad_fn).__name__ == CachedSoftmaxCore.__name__ + "Backward"

@@ -20,6 +20,7 @@ from backpack_attention._compat import (
 )
 from backpack_attention.models import TinyTransformer, addition_data
 from backpack_attention.operators import PARTS, AttentionGGNLinearOperator, AttentionHessianLinearOperator
+from reference import rel_error
 
 DT = torch.float64
 TOL = 1e-10
@@ -139,10 +140,6 @@ def _subsets(model):
     yield "one", [ps[-2]]
 
 
-def _rel(a, b, scale=None):
-    """Relative error of ``a`` w.r.t. ``b`` (or w.r.t. ``scale`` where ``b`` may be exactly 0)."""
-    return ((a - b).norm() / (b.norm() if scale is None else scale)).item()
-
 
 def _reference(kind, model, loss_func, params, data, V):
     with sdpa_kernel(SDPBackend.MATH):
@@ -160,10 +157,10 @@ def test_parts_match_curvlinops(problem):
         H_ref = _reference("hessian", model, loss_func, params, data, V)
         assert G_ref.norm() > 0 and H_ref.norm() > 0
         G = AttentionGGNLinearOperator(model, loss_func, params, data)
-        assert _rel(G @ V, G_ref) < TOL, (problem, label)
+        assert rel_error(G @ V, G_ref) < TOL, (problem, label)
         for part, ref in [("full", H_ref), ("outer", G_ref), ("functional", H_ref - G_ref)]:
             op = AttentionHessianLinearOperator(model, loss_func, params, data, part=part)
-            assert _rel(op @ V, ref, scale=H_ref.norm()) < TOL, (problem, label, part)
+            assert rel_error(op @ V, ref, scale=H_ref.norm()) < TOL, (problem, label, part)
 
 
 def test_fused_equals_math_and_input_formats():
@@ -177,16 +174,16 @@ def test_fused_equals_math_and_input_formats():
         op.clear_cache()
         with sdpa_kernel(SDPBackend.MATH):
             math_ = op @ v_flat
-        assert _rel(fused, math_) < TOL
+        assert rel_error(fused, math_) < TOL
         # tensor-list vector, tensor-list matrix, flat matrix
         as_list = op @ v_list
         assert [a.shape for a in as_list] == [p.shape for p in params]
-        assert _rel(torch.cat([a.flatten() for a in as_list]), fused) < TOL
+        assert rel_error(torch.cat([a.flatten() for a in as_list]), fused) < TOL
         M_list = [torch.stack([v, 2 * v], dim=-1) for v in v_list]
         out = op @ M_list
         assert all(o.shape == (*p.shape, 2) for o, p in zip(out, params))
-        assert _rel(torch.cat([o[..., 1].flatten() for o in out]), 2 * fused) < TOL
-        assert _rel((op @ torch.stack([v_flat, -v_flat], 1))[:, 1], -fused) < TOL
+        assert rel_error(torch.cat([o[..., 1].flatten() for o in out]), 2 * fused) < TOL
+        assert rel_error((op @ torch.stack([v_flat, -v_flat], 1))[:, 1], -fused) < TOL
 
 
 def _dense(op):
@@ -223,7 +220,7 @@ def test_estimators_spectrum_and_submatrix():
     small = [layers[1].in_proj_weight]
     D_block = _dense(AttentionGGNLinearOperator(model, loss_func, small, data))
     local = param_index(layers[1], "W_Q", head=1).tolist()
-    assert _rel(D_sub, D_block[local][:, local]) < TOL
+    assert rel_error(D_sub, D_block[local][:, local]) < TOL
     # trace and diagonal estimators on the one-layer block (exact values from its dense matrix)
     trace = torch.trace(D_block).item()
     G1 = AttentionGGNLinearOperator(model, loss_func, small, data)
@@ -287,7 +284,7 @@ def test_linear_attention_no_bias_and_converted_mha():
         V = torch.randn(sum(p.numel() for p in params), 2, dtype=DT, generator=torch.Generator().manual_seed(2))
         for kind, op in (("hessian", AttentionHessianLinearOperator), ("ggn", AttentionGGNLinearOperator)):
             ref = _reference(kind, model, nn.CrossEntropyLoss(), params, data, V)
-            assert _rel(op(model, nn.CrossEntropyLoss(), params, data) @ V, ref) < 1e-10, (kw, kind)
+            assert rel_error(op(model, nn.CrossEntropyLoss(), params, data) @ V, ref) < 1e-10, (kw, kind)
 
     class Net(nn.Module):
         def __init__(self):
@@ -307,7 +304,7 @@ def test_linear_attention_no_bias_and_converted_mha():
     convert_attention(net)
     a = net.mha.attention
     got = AttentionHessianLinearOperator(net, nn.CrossEntropyLoss(), [a.in_proj_weight, a.out_proj_weight], data) @ V
-    assert _rel(got, ref) < TOL
+    assert rel_error(got, ref) < TOL
 
 
 @pytest.mark.parametrize("problem", ["ce", "padded"])
@@ -325,9 +322,9 @@ def test_equal_dense_hessian_blocks(problem):
         HV = blocks.matrix("full") @ V
         for part in PARTS:
             op = AttentionHessianLinearOperator(model, loss_func, params, data, part=part)
-            assert _rel(op @ V, blocks.matrix(part) @ V, scale=HV.norm()) < TOL, (problem, part)
+            assert rel_error(op @ V, blocks.matrix(part) @ V, scale=HV.norm()) < TOL, (problem, part)
         G = AttentionGGNLinearOperator(model, loss_func, params, data)
-        assert _rel(G @ V, blocks.matrix("outer") @ V) < TOL
+        assert rel_error(G @ V, blocks.matrix("outer") @ V) < TOL
 
 
 def test_frozen_params_and_flags_restored():
@@ -342,8 +339,8 @@ def test_frozen_params_and_flags_restored():
     H = AttentionHessianLinearOperator(model, loss_func, params, data) @ V
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     params[0].requires_grad_(True)  # curvlinops differentiates only parameters that require grad
-    assert _rel(G, _reference("ggn", model, loss_func, params, data, V)) < TOL
-    assert _rel(H, _reference("hessian", model, loss_func, params, data, V)) < TOL
+    assert rel_error(G, _reference("ggn", model, loss_func, params, data, V)) < TOL
+    assert rel_error(H, _reference("hessian", model, loss_func, params, data, V)) < TOL
 
 
 def test_inference_mode_and_vector_dtype():
@@ -362,10 +359,10 @@ def test_inference_mode_and_vector_dtype():
         G = AttentionGGNLinearOperator(model, loss_func, params, data_inf)
         H = AttentionHessianLinearOperator(model, loss_func, params, data_inf)
         g, h = G @ V_inf, H @ V_inf
-    assert _rel(g, G_ref) < TOL and _rel(h, H_ref) < TOL
+    assert rel_error(g, G_ref) < TOL and rel_error(h, H_ref) < TOL
     with pytest.raises(ValueError, match="dtype torch.float32"):
         G @ V.float()
-    assert _rel(G @ V, G_ref) < TOL
+    assert rel_error(G @ V, G_ref) < TOL
 
 
 class DictNet(nn.Module):
@@ -394,14 +391,14 @@ def test_streaming_chunked_columns_num_data_and_dict_inputs():
             G = AttentionGGNLinearOperator(model, loss_func, params, data, **kw)
             H = AttentionHessianLinearOperator(model, loss_func, params, data, part="functional", **kw)
             for _ in range(2):  # the second round reuses whatever was cached
-                assert _rel(G @ V, G_ref) < TOL, (cached, chunk)
-                assert _rel(H @ V, H_ref - G_ref, scale=H_ref.norm()) < TOL, (cached, chunk)
+                assert rel_error(G @ V, G_ref) < TOL, (cached, chunk)
+                assert rel_error(H @ V, H_ref - G_ref, scale=H_ref.norm()) < TOL, (cached, chunk)
     # num_data other than the number of data points rescales mean-reduced products as in curvlinops
     N = sum(X.shape[0] for X, _ in data)
     with sdpa_kernel(SDPBackend.MATH):
         ref = curvlinops_operator("ggn", model, loss_func, params, data, num_data=3 * N, check_deterministic=False) @ V
     G = AttentionGGNLinearOperator(model, loss_func, params, data, num_data=3 * N)
-    assert _rel(G @ V, ref) < TOL and _rel(ref, G_ref / 3) < TOL
+    assert rel_error(G @ V, ref) < TOL and rel_error(ref, G_ref / 3) < TOL
     # dict-like X
     dict_model = DictNet()
     dict_model.net.load_state_dict(model.state_dict())
@@ -411,4 +408,4 @@ def test_streaming_chunked_columns_num_data_and_dict_inputs():
     with pytest.raises(ValueError, match="batch_size_fn"):
         AttentionGGNLinearOperator(dict_model, loss_func, dict_params, dict_data)
     G = AttentionGGNLinearOperator(dict_model, loss_func, dict_params, dict_data, batch_size_fn=size)
-    assert _rel(G @ V, G_ref) < TOL
+    assert rel_error(G @ V, G_ref) < TOL
