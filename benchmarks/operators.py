@@ -129,7 +129,7 @@ def eigsh_run(op, v0, k, tol, ctx=None):
     return time.perf_counter() - t, count[0]
 
 
-def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=3, do_eigsh=True):
+def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh=True):
     model, loss_func, params, data = problem(L, N, d, heads, layers)
     twin, twin_layers = torch_twin(model)
     twin_params = [p for ps in twin_layers for p in ps]
