@@ -1,7 +1,9 @@
 """backpack_attention: multi-head self-attention as a first-class citizen of BackPACK and curvlinops."""
 
-from backpack_attention.derivatives.blocks import Block, HessianBlocks, hessian_blocks
-from backpack_attention.derivatives.factors import AttentionFactors, attention_factors
+from backpack_attention.blocks import attention_factors, hessian_blocks
+from backpack_attention.derivatives.blocks import Block, HessianBlocks
+from backpack_attention.derivatives.factors import AttentionFactors
+from backpack_attention.layout import AttentionLayout
 from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
 from backpack_attention.spectra import attention_block_eigenvalues
 from backpack_attention.module import (
@@ -18,6 +20,7 @@ __all__ = [
     "AttentionHessianLinearOperator",
     "attention_block_eigenvalues",
     "AttentionFactors",
+    "AttentionLayout",
     "Block",
     "HessianBlocks",
     "attention_factors",

@@ -13,16 +13,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backpack_attention.derivatives.core import ATTENTION_KINDS, LINEAR, probabilities, scores
-from backpack_attention.derivatives.function import softmax_attention
-
-BLOCK_NAMES = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
-
-#: The module's parameters, in the order of ``module.parameters()`` (and of :func:`param_index`).
-PARAM_NAMES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+from backpack_attention.derivatives.core import ATTENTION_KINDS, attention_matrix
+from backpack_attention.derivatives.forward import attention_forward, project
+from backpack_attention.derivatives.variants import get_variant
+from backpack_attention.layout import BLOCK_NAMES, PARAM_NAMES, AttentionLayout  # noqa: F401 (re-exported)
 
 
 def _bool_mask(mask, name: str):
@@ -80,17 +76,14 @@ class MultiheadSelfAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
-        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}); "
-                f"valid num_heads are {[h for h in range(1, embed_dim + 1) if embed_dim % h == 0]}"
-            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float64) or None, got {dtype!r}")
+        #: The parameter layout (heads, the 3E row split, flat positions); raises for bad sizes.
+        self.layout = AttentionLayout(embed_dim, num_heads, bool(bias))
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        #: The attention variant (probabilities, their derivatives, the core forward).
+        self.variant = get_variant(attention)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -98,10 +91,9 @@ class MultiheadSelfAttention(nn.Module):
         self.causal = bool(causal)
         self.attention = attention
         kw = {"device": device, "dtype": dtype}
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
-        self.out_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **kw))
-        self.out_proj_bias = nn.Parameter(torch.empty(embed_dim, **kw)) if bias else None
+        shapes = self.layout.param_shapes()
+        for name in PARAM_NAMES:
+            setattr(self, name, nn.Parameter(torch.empty(shapes[name], **kw)) if name in shapes else None)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -135,6 +127,8 @@ class MultiheadSelfAttention(nn.Module):
                 f"({self.in_proj_weight.dtype}, {self.in_proj_weight.device})"
             )
         N, L, _ = x.shape
+        if L == 0:
+            raise ValueError("x has sequence length L=0: attention needs at least one token per sequence")
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError(
@@ -180,34 +174,22 @@ class MultiheadSelfAttention(nn.Module):
         return allowed
 
     # ---- forward ----------------------------------------------------------------------------
-    def split_heads(self, t: Tensor) -> Tensor:
-        """``[N, L, E] -> [N, H, L, d_K]``."""
-        N, L, _ = t.shape
-        return t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
-
     def project_qkv(self, x: Tensor):
         """Queries, keys and values ``[N, H, L, d_K]`` (biases included)."""
-        Q, K, V = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.split_heads(Q), self.split_heads(K), self.split_heads(V)
+        return project(x, self.layout, self.in_proj_weight, self.in_proj_bias)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None):
         self.check_input(x, key_padding_mask, attn_mask)
         allowed = self.allowed_mask(x, key_padding_mask, attn_mask)
-        Q, K, V = self.project_qkv(x)
-        if self.attention == LINEAR:
-            O = probabilities(scores(Q, K), allowed, LINEAR) @ V
-        else:
-            only_causal = self.causal and key_padding_mask is None and attn_mask is None
-            O = softmax_attention(Q, K, V, allowed, only_causal)
-        N, L, E = x.shape
-        return F.linear(O.transpose(1, 2).reshape(N, L, E), self.out_proj_weight, self.out_proj_bias)
+        only_causal = self.causal and key_padding_mask is None and attn_mask is None
+        return attention_forward(self, x, allowed, only_causal=only_causal)
 
     def attention_weights(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> Tensor:
         """Attention matrices ``A`` ``[N, H, L, L]`` (math path, differentiable)."""
         self.check_input(x, key_padding_mask, attn_mask)
         allowed = self.allowed_mask(x, key_padding_mask, attn_mask)
         Q, K, _ = self.project_qkv(x)
-        return probabilities(scores(Q, K), allowed, self.attention)
+        return attention_matrix(Q, K, allowed, self.variant)
 
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
@@ -360,7 +342,7 @@ def param_index(module: nn.Module, name: str, head: Optional[int] = None) -> tor
 
     The concatenation is ``in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias``, each
     flattened row-major (biases absent when ``bias=False``), i.e. ``torch.cat([p.flatten() for p in
-    module.parameters()])``. SPEC §5.3: ``W_Q^h[a, c]`` is ``in_proj_weight[h*d_K + c, a]``;
+    module.parameters()])`` (docs/math.md, "Index map"): ``W_Q^h[a, c]`` is ``in_proj_weight[h*d_K + c, a]``;
     ``W_O`` of head ``h`` is the columns ``h*d_K:(h+1)*d_K`` of ``out_proj_weight``.
 
     Args:
@@ -373,29 +355,7 @@ def param_index(module: nn.Module, name: str, head: Optional[int] = None) -> tor
     """
     if isinstance(module, nn.MultiheadAttention):
         check_convertible(module, "module")
-        E, H, has_bias = module.embed_dim, module.num_heads, module.in_proj_bias is not None
+        layout = AttentionLayout(module.embed_dim, module.num_heads, module.in_proj_bias is not None)
     else:
-        m = as_attention(module)
-        E, H, has_bias = m.embed_dim, m.num_heads, m.bias
-    if name not in BLOCK_NAMES:
-        raise ValueError(f"name must be one of {BLOCK_NAMES}, got {name!r}")
-    if name.startswith("b_") and not has_bias:
-        raise ValueError(f"{name}: the module was built with bias=False, so it has no bias blocks")
-    if head is not None and (not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < H):
-        raise ValueError(f"head must be None or an int in range({H}), got {head!r}")
-    if name == "b_O" and head is not None:
-        raise ValueError("b_O is shared by all heads: use head=None")
-    d = E // H
-    heads = range(H) if head is None else [head]
-    slot = {"Q": 0, "K": 1, "V": 2}
-    n_in_w = 3 * E * E
-    n_in_b = 3 * E if has_bias else 0
-    if name in ("W_Q", "W_K", "W_V"):
-        rows = torch.cat([slot[name[-1]] * E + h * d + torch.arange(d) for h in heads])
-        return (rows[:, None] * E + torch.arange(E)[None, :]).reshape(-1)
-    if name in ("b_Q", "b_K", "b_V"):
-        return n_in_w + torch.cat([slot[name[-1]] * E + h * d + torch.arange(d) for h in heads])
-    if name == "W_O":
-        cols = torch.cat([h * d + torch.arange(d) for h in heads])
-        return n_in_w + n_in_b + (torch.arange(E)[:, None] * E + cols[None, :]).reshape(-1)
-    return n_in_w + n_in_b + E * E + torch.arange(E)
+        layout = as_attention(module).layout
+    return layout.param_index(name, head)

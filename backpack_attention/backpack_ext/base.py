@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from backpack.extensions.module_extension import ModuleExtension
 
-from backpack_attention.backpack_ext.derivatives import MHSADerivatives
+from backpack_attention.backpack_ext.derivatives import clear_module_cache
 
 
 class ClearsAttentionCache:
     """Mixin: drop the attention forward/cotangent cache once the module extension has run.
 
-    :class:`MHSADerivatives` caches the recomputed forward (Q, K, V, A, Z) and the core
+    :class:`~backpack_attention.backpack_ext.derivatives.MHSADerivatives` caches the recomputed forward (Q, K, V, A, Z) and the core
     cotangents on the module while BackPACK calls its parameter methods and ``backpropagate``
     on the same quantity; this mixin frees that memory right after.
     """
@@ -19,7 +19,7 @@ class ClearsAttentionCache:
         try:
             super().__call__(extension, module, g_inp, g_out)
         finally:
-            MHSADerivatives.clear_cache(module)
+            clear_module_cache(module)
 
 
 class Unsupported(ModuleExtension):

@@ -34,14 +34,16 @@ from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseMo
 from torch import Tensor
 from torch.func import hessian, vmap
 
+from backpack_attention.backpack_ext.base import ClearsAttentionCache
 from backpack_attention.backpack_ext.derivatives import (
     EmbeddingDerivatives,
     GELUDerivatives,
     LayerNormDerivatives,
     MHSADerivatives,
     allowed_mask,
-    attention_math_forward,
 )
+from backpack_attention.derivatives.forward import AttentionParams, attention_forward
+from backpack_attention.derivatives.layernorm import layer_norm_explicit
 
 _ids = itertools.count()
 
@@ -66,7 +68,7 @@ def merge_factors(existing: dict, other: dict) -> dict:
     return {"matrices": mats, "signs": signs, "ids": ids}
 
 
-class Tagged(ModuleExtension):
+class Tagged(ClearsAttentionCache, ModuleExtension):
     """Wrap a DiagHessian module extension so that its factors carry ids.
 
     The wrapped extension's parameter methods are used unchanged; its ``backpropagate`` gets a
@@ -96,12 +98,6 @@ class Tagged(ModuleExtension):
         out = self.inner.backpropagate(ext, module, g_inp, g_out, arg)
         n_new = len(out["matrices"]) - len(ids)
         return {"matrices": out["matrices"], "signs": out["signs"], "ids": ids + [new_id() for _ in range(n_new)]}
-
-    def __call__(self, extension, module, g_inp, g_out):
-        try:
-            super().__call__(extension, module, g_inp, g_out)
-        finally:
-            MHSADerivatives.clear_cache(module)
 
 
 def signed_sqrt_factors(R: Tensor, in_shape) -> List[Tensor]:
@@ -192,7 +188,12 @@ class DiagHMHSA(DenseResidualDiagH):
 
     @staticmethod
     def sample_forward(module, x_n, allowed_n=None, W=None, b=None):
-        return attention_math_forward(module, x_n, allowed_n, W, b)
+        """The layer on one sample, explicit core (twice differentiable by ``torch.func``);
+        ``W``, ``b`` replace the in-projection's weight and bias when given."""
+        p = AttentionParams.of(module)
+        p = p._replace(in_proj_weight=p.in_proj_weight if W is None else W,
+                       in_proj_bias=p.in_proj_bias if b is None else b)
+        return attention_forward(module, x_n, allowed_n, params=p, explicit=True)
 
     def _param_residual(self, module, g_out, which: str) -> Tensor:
         """``[N, *param]`` diagonal of ``∇²_θ <g_out[n], f(x_n; θ)>`` for ``θ`` = ``which``."""
@@ -235,15 +236,8 @@ class DiagHLayerNorm(DenseResidualDiagH):
 
     @staticmethod
     def sample_forward(module, x_n):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        mu = x_n.mean(dims, keepdim=True)
-        var = ((x_n - mu) ** 2).mean(dims, keepdim=True)
-        y = (x_n - mu) / torch.sqrt(var + module.eps)
-        if module.weight is not None:
-            y = y * module.weight.detach()
-        if module.bias is not None:
-            y = y + module.bias.detach()
-        return y
+        d = lambda p: None if p is None else p.detach()  # noqa: E731
+        return layer_norm_explicit(x_n, module.normalized_shape, d(module.weight), d(module.bias), module.eps)
 
 
 class DiagHEmbedding(ModuleExtension):

@@ -32,6 +32,7 @@ from backpack.extensions.secondorder.hbp.linear import HBPLinear
 from torch import Tensor
 
 from backpack_attention.backpack_ext.base import ClearsAttentionCache
+from backpack_attention.derivatives.kfac import KFAC_APPROXIMATIONS, gradient_factor, input_factor  # noqa: F401
 from backpack_attention.backpack_ext.derivatives import (
     EmbeddingDerivatives,
     GELUDerivatives,
@@ -39,32 +40,12 @@ from backpack_attention.backpack_ext.derivatives import (
     MHSADerivatives,
 )
 
-KFAC_APPROXIMATIONS = ("expand", "reduce")
-
-
 def kfac_approx_of(ext) -> str:
     """The weight-sharing approximation requested by extension ``ext`` (default ``"expand"``)."""
     approx = getattr(ext, "kfac_approx", "expand")
     if approx not in KFAC_APPROXIMATIONS:
         raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}")
     return approx
-
-
-def gradient_factor(S: Tensor, approx: str) -> Tensor:
-    """``G [o, o]`` from square-root rows ``S [V, N, *R, o]``."""
-    if approx == "reduce" and S.dim() > 3:
-        S = S.sum(tuple(range(2, S.dim() - 1)))
-    S = S.reshape(-1, S.shape[-1])
-    return S.T @ S
-
-
-def input_factor(x: Tensor, approx: str) -> Tensor:
-    """``A [i, i]`` from layer inputs ``x [N, *R, i]``."""
-    x = x.detach()
-    if approx == "reduce" and x.dim() > 2:
-        x = x.mean(tuple(range(1, x.dim() - 1)))
-    x = x.reshape(-1, x.shape[-1])
-    return x.T @ x / x.shape[0]
 
 
 def require_sqrt_strategy(ext, module) -> None:

@@ -1,18 +1,18 @@
 r"""Dense Hessian blocks of one attention layer, assembled in closed form from its factors.
 
-Every block is a sum over query tokens of small Kronecker products (SPEC §4.2–4.3, §5.2),
+Every block is a sum over query tokens of small Kronecker products (docs/math.md, 4.2, 4.3, 5.2),
 computed as one contraction (a GEMM over the ``N L`` tokens), never by autodiff.
 
 Parameter groups (per head ``h``, augmented with bias rows, paper layout ``(input, output)``):
 ``Q`` :math:`\tilde{\mathbf W}_Q^h` ``[d', d_K]``, ``K`` :math:`\tilde{\mathbf W}_K^h`, ``V``
 :math:`\tilde{\mathbf W}_V^h` ``[d', d_h]``, ``O`` :math:`\mathbf W_O^h` ``[d_h, E]``, and ``bO``
-:math:`\mathbf b_O` ``[E]``. Their Jacobian row blocks (SPEC §5.2) are Kronecker products
+:math:`\mathbf b_O` ``[E]``. Their Jacobian row blocks (docs/math.md, 5.2) are Kronecker products
 :math:`\mathbf J^{(i)}[e,(a,c)]=\alpha_i[a]\,\beta_i[e,c]` ("left", Q/V/O/bO) or
 :math:`\alpha_i[e,a]\,\beta_i[c]` ("right", K).
 
 * ``outer`` :math:`=\mathbf J^\top\boldsymbol\Lambda\mathbf J` (the GGN);
 * ``functional`` :math:`=` full :math:`-` outer: the layer's own second-derivative term
-  :math:`\sum_i\mathbf r_i^\top\partial^2\mathbf F_i` (SPEC §4.3, §5.2), plus, inside a deeper network,
+  :math:`\sum_i\mathbf r_i^\top\partial^2\mathbf F_i` (docs/math.md, 4.3, 5.2), plus, inside a deeper network,
   :math:`\mathbf J^\top(\boldsymbol\Lambda_{\text{exact}}-\boldsymbol\Lambda)\mathbf J` from the network above;
 * ``full`` :math:`=` outer :math:`+` functional, the exact Hessian block.
 
@@ -23,15 +23,14 @@ Blocks are returned in torch layout: rows/cols in the order of
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from backpack_attention.derivatives.factors import AttentionFactors, attention_factors
-from backpack_attention.module import BLOCK_NAMES, param_index
+from backpack_attention.derivatives.factors import AttentionFactors
 
 PARTS = ("outer", "functional", "full")
 
@@ -89,17 +88,22 @@ def _jtlj_separable(f1: _Factor, f2: _Factor, Lam: Tensor) -> Tensor:
     return out.reshape(f1.size, f2.size)
 
 
-class HessianBlocks:
-    """Lazy mapping ``((name1, head1), (name2, head2)) -> Block`` of one attention layer.
+class HessianBlocks(Mapping):
+    """Read-only, lazy mapping ``((name1, head1), (name2, head2)) -> Block`` of one attention layer.
 
     ``name`` in ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O``; ``head`` an int, or ``None`` for all
-    heads (``b_O`` always ``None``). Blocks are computed on first access and cached per group pair.
-    :meth:`matrix` assembles the whole layer Hessian in parameter order (small layers only).
+    heads (``b_O`` always ``None``). Iteration, ``len``, ``keys``, ``values`` and ``items`` cover the
+    per-head keys (``b_O`` with ``None``); ``[]``, ``get`` and ``in`` also take ``None`` (all heads)
+    for any block. Blocks are computed on first access and cached per group pair; ``in`` only
+    checks the key. :meth:`matrix` assembles the whole layer Hessian in parameter order (small
+    layers only). Built from an :class:`AttentionFactors` snapshot: later changes to the model
+    do not change it.
     """
 
     def __init__(self, factors: AttentionFactors):
         self.factors = factors
         self.module = factors.module
+        self.layout = factors.layout
         f = factors
         self.H, self.dk = f.num_heads, f.head_dim
         self.E = f.loss.r.shape[-1]
@@ -214,33 +218,9 @@ class HessianBlocks:
         return self._cache[key]
 
     # ---- torch layout -------------------------------------------------------------------------
-    def _locate(self, positions: Tensor):
-        """Map positions in the module's parameter concatenation to ``(group, local index)``."""
-        E, dk, bias = self.E, self.dk, self.module.bias
-        dprime = E + 1 if bias else E
-        out = []
-        n_w, n_b = 3 * E * E, 3 * E if bias else 0
-        for p in positions.tolist():
-            if p < n_w:
-                row, a = divmod(p, E)
-                s, rest = divmod(row, E)
-                h, c = divmod(rest, dk)
-                out.append((("QKV"[s], h), a * dk + c))
-            elif p < n_w + n_b:
-                s, rest = divmod(p - n_w, E)
-                h, c = divmod(rest, dk)
-                out.append((("QKV"[s], h), (dprime - 1) * dk + c))
-            elif p < n_w + n_b + E * E:
-                o, col = divmod(p - n_w - n_b, E)
-                h, c = divmod(col, dk)
-                out.append((("O", h), c * E + o))
-            else:
-                out.append((("bO", None), p - n_w - n_b - E * E))
-        return out
-
     def block(self, rows: Tensor, cols: Tensor) -> Block:
         """The block for arbitrary parameter positions ``rows``, ``cols`` (see :func:`param_index`)."""
-        loc_r, loc_c = self._locate(rows), self._locate(cols)
+        loc_r, loc_c = self.layout.locate(rows), self.layout.locate(cols)
         ref = self.factors.loss.r
         parts = {p: ref.new_zeros(len(loc_r), len(loc_c)) for p in ("outer", "functional")}
         groups_r = sorted({g for g, _ in loc_r}, key=str)
@@ -255,37 +235,48 @@ class HessianBlocks:
                 parts[p][ri_pos[:, None], ci_pos[None, :]] = getattr(blk, p)[ri_loc[:, None], ci_loc[None, :]]
         return Block(parts["outer"], parts["functional"])
 
-    def __getitem__(self, key) -> Block:
+    def _positions(self, key):
+        """``(rows, cols)`` positions of a key, or ``KeyError``."""
         try:
             (n1, h1), (n2, h2) = key
         except (TypeError, ValueError) as err:
             raise KeyError(f"key must be ((name1, head1), (name2, head2)), got {key!r}") from err
         try:
-            rows = param_index(self.module, n1, h1)
-            cols = param_index(self.module, n2, h2)
+            return self.layout.param_index(n1, h1), self.layout.param_index(n2, h2)
         except ValueError as err:
             raise KeyError(str(err)) from err
+
+    def __getitem__(self, key) -> Block:
+        rows, cols = self._positions(key)
         return self.block(rows, cols)
 
-    def keys(self):
-        """All ``((name, head), (name, head))`` pairs with per-head keys (``b_O`` with ``None``)."""
-        names = [n for n in BLOCK_NAMES if self.module.bias or not n.startswith("b_")]
-        single = [(n, None) if n == "b_O" else (n, h) for n in names for h in range(self.H) if n != "b_O" or h == 0]
-        return [(a, b) for a in single for b in single]
+    def __contains__(self, key) -> bool:
+        try:
+            self._positions(key)
+        except KeyError:
+            return False
+        return True
+
+    def _single_keys(self):
+        return [(n, None) if n == "b_O" else (n, h)
+                for n in self.layout.block_names() for h in range(self.H) if n != "b_O" or h == 0]
+
+    def __iter__(self):
+        single = self._single_keys()
+        return ((a, b) for a in single for b in single)
+
+    def __len__(self) -> int:
+        return len(self._single_keys()) ** 2
 
     def matrix(self, part: str = "full") -> Tensor:
         """The whole layer's ``[P, P]`` Hessian part in the module's parameter order (small layers)."""
-        P = sum(p.numel() for p in self.module.parameters())
-        idx = torch.arange(P)
+        idx = torch.arange(self.layout.num_params)
         return self.block(idx, idx).part(part)
 
 
-def hessian_blocks(model_func, loss_func, module, data, *, num_data: Optional[int] = None,
-                   progressbar: bool = False) -> HessianBlocks:
-    """Closed-form Hessian blocks of ``module`` in ``model_func`` (see :func:`attention_factors`).
+def __getattr__(name):  # TEMPORARY during the refactor
+    if name == "hessian_blocks":
+        import backpack_attention
 
-    Returns a :class:`HessianBlocks`; ``blocks[("W_Q", h1), ("W_K", h2)]`` is a :class:`Block` with
-    ``.outer``, ``.functional`` and ``.full`` ``[rows, cols]`` in :func:`param_index` order.
-    """
-    return HessianBlocks(attention_factors(model_func, loss_func, module, data, num_data=num_data,
-                                           progressbar=progressbar))
+        return backpack_attention.hessian_blocks
+    raise AttributeError(name)

@@ -25,9 +25,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from backpack_attention.derivatives.variants import VARIANTS, AttentionVariant, get_variant  # noqa: F401 (AttentionVariant re-exported)
+
 SOFTMAX = "softmax"
 LINEAR = "linear"
-ATTENTION_KINDS = (SOFTMAX, LINEAR)
+#: Names of the registered attention variants (:mod:`~backpack_attention.derivatives.variants`).
+ATTENTION_KINDS = tuple(VARIANTS)
 
 
 def scores(Q: Tensor, K: Tensor) -> Tensor:
@@ -35,37 +38,28 @@ def scores(Q: Tensor, K: Tensor) -> Tensor:
     return Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1])
 
 
-def probabilities(T: Tensor, allowed: Optional[Tensor], kind: str = SOFTMAX) -> Tensor:
-    r"""Attention matrix :math:`\mathbf A` from scores ``T`` ``[..., L, L]``.
+def probabilities(T: Tensor, allowed: Optional[Tensor], kind=SOFTMAX) -> Tensor:
+    r"""Attention matrix :math:`\mathbf A` from scores ``T`` ``[..., L, L]`` (``kind``: a variant or its name).
 
     Softmax: row-wise softmax over allowed keys (masked entries are exactly 0).
     Linear: the masked raw scores :math:`\mathbf T\odot\text{mask}`.
     """
-    if kind == LINEAR:
-        return T if allowed is None else T * allowed
-    if allowed is None:
-        return torch.softmax(T, dim=-1)
-    return torch.softmax(T.masked_fill(~allowed, float("-inf")), dim=-1)
+    return get_variant(kind).probabilities(T, allowed)
 
 
-def attention_matrix(Q: Tensor, K: Tensor, allowed: Optional[Tensor], kind: str = SOFTMAX) -> Tensor:
+def attention_matrix(Q: Tensor, K: Tensor, allowed: Optional[Tensor], kind=SOFTMAX) -> Tensor:
     """``A = probabilities(scores(Q, K))``, ``[..., L, L]``."""
-    return probabilities(scores(Q, K), allowed, kind)
+    return get_variant(kind).probabilities(scores(Q, K), allowed)
 
 
-def softmax_jvp(A: Tensor, dT: Tensor, kind: str = SOFTMAX, allowed: Optional[Tensor] = None) -> Tensor:
-    r"""Apply :math:`\mathbf J_i = \mathrm{diag}(\mathbf a_i) - \mathbf a_i\mathbf a_i^\top` row-wise.
-
-    For linear attention :math:`\mathbf J_i` is the mask. ``dT``: ``[..., L, L]``. The
-    Jacobian is symmetric, so this is also the VJP.
-    """
-    if kind == LINEAR:
-        return dT if allowed is None else dT * allowed
-    AdT = A * dT
-    return AdT - A * AdT.sum(-1, keepdim=True)
+def softmax_jvp(A: Tensor, dT: Tensor, kind=SOFTMAX, allowed: Optional[Tensor] = None) -> Tensor:
+    r"""Apply the row-wise Jacobian :math:`\mathbf J_i` of the variant (softmax:
+    :math:`\mathrm{diag}(\mathbf a_i) - \mathbf a_i\mathbf a_i^\top`; linear: the mask) to ``dT``
+    ``[..., L, L]``. The Jacobian is symmetric, so this is also the VJP."""
+    return get_variant(kind).jvp(A, dT, allowed)
 
 
-def core_forward(Q: Tensor, K: Tensor, V: Tensor, allowed: Optional[Tensor], kind: str = SOFTMAX):
+def core_forward(Q: Tensor, K: Tensor, V: Tensor, allowed: Optional[Tensor], kind=SOFTMAX):
     """Reference (math) forward. Returns ``(O, A)`` with ``O = A V`` ``[..., L, d_v]``."""
     A = attention_matrix(Q, K, allowed, kind)
     return A @ V, A
@@ -132,7 +126,7 @@ def _cat_last(a: Tensor, b: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # first- and second-order products of the core
 # ---------------------------------------------------------------------------------------------
-def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None) -> Tensor:
+def core_jvp(Q, K, V, A, dQ, dK, dV, kind=SOFTMAX, allowed=None, O=None) -> Tensor:
     r"""Forward-mode product :math:`\mathrm d\mathbf O` of the core for tangents of Q, K, V.
 
     :math:`\mathrm d\mathbf T = (\mathrm d\mathbf Q\mathbf K^\top + \mathbf Q\,\mathrm d\mathbf K^\top)/\sqrt{d_K}`,
@@ -148,12 +142,13 @@ def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None) 
     """
     if dQ is None and dK is None and dV is None:
         return torch.zeros_like(V if A is None else A @ V)
+    variant = get_variant(kind)
     scale = 1.0 / math.sqrt(Q.shape[-1])
-    use_O = O is not None and kind == SOFTMAX
+    use_O = O is not None and variant.output_rowsum
 
     def f(Q, K, V, A, dQ, dK, dV, allowed, O):
         if A is None:
-            A = attention_matrix(Q, K, allowed, kind)
+            A = attention_matrix(Q, K, allowed, variant)
         dO = None
         if dQ is not None or dK is not None:
             if dQ is not None and dK is not None:
@@ -166,7 +161,7 @@ def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None) 
                 AdT = A * dT
                 dO = AdT @ V - AdT.sum(-1, keepdim=True) * O
             else:
-                dO = softmax_jvp(A, dT, kind, allowed) @ V
+                dO = variant.jvp(A, dT, allowed) @ V
         if dV is not None:
             dO = A @ dV if dO is None else dO + A @ dV
         return (dO,)
@@ -174,7 +169,7 @@ def core_jvp(Q, K, V, A, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None) 
     return chunked(f, Q, K, V, A, dQ, dK, dV, allowed, O if use_O else None, L=Q.shape[-2])[0]
 
 
-def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None, O=None):
+def core_vjp(Q, K, V, A, dO, kind=SOFTMAX, allowed=None, O=None):
     r"""Reverse-mode product of the core: ``(G_Q, G_K, G_V)`` for an output cotangent ``dO``.
 
     :math:`\mathbf G_A = \mathbf G_O\mathbf V^\top`, :math:`\mathbf G_V = \mathbf A^\top\mathbf G_O`,
@@ -189,25 +184,26 @@ def core_vjp(Q, K, V, A, dO, kind: str = SOFTMAX, allowed=None, O=None):
     :math:`\boldsymbol\rho = \mathrm{rowsum}(\mathbf G_O\odot\mathbf O)` (an ``[..., L, d]`` reduction
     instead of an ``[..., L, L]`` one).
     """
+    variant = get_variant(kind)
     scale = 1.0 / math.sqrt(Q.shape[-1])
-    use_O = O is not None and kind == SOFTMAX
+    use_O = O is not None and variant.output_rowsum
 
     def f(Q, K, V, A, dO, allowed, O):
         if A is None:
-            A = attention_matrix(Q, K, allowed, kind)
+            A = attention_matrix(Q, K, allowed, variant)
         G_V = A.transpose(-1, -2) @ dO
         dO = dO * scale
         G_A = dO @ V.transpose(-1, -2)
         if use_O:
             G_T = (G_A - (dO * O).sum(-1, keepdim=True)) * A
         else:
-            G_T = softmax_jvp(A, G_A, kind, allowed)
+            G_T = variant.jvp(A, G_A, allowed)
         return G_T @ K, G_T.transpose(-1, -2) @ Q, G_V
 
     return chunked(f, Q, K, V, A, dO, allowed, O if use_O else None, L=Q.shape[-2])
 
 
-def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=None):
+def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind=SOFTMAX, allowed=None, O=None):
     r"""Second-order product of the core for a fixed output cotangent ``G_O``.
 
     The core's VJP :math:`(\mathbf G_Q, \mathbf G_K, \mathbf G_V) = \nabla_{Q,K,V}\langle\mathbf G_O,
@@ -232,12 +228,13 @@ def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=N
     ``O = A V`` (softmax), :math:`\boldsymbol\rho = \mathrm{rowsum}(\mathbf G_O\odot\mathbf O)`
     (as in :func:`core_vjp`: an ``[..., L, d]`` reduction instead of an ``[..., L, L]`` one).
     """
+    variant = get_variant(kind)
     scale = 1.0 / math.sqrt(Q.shape[-1])
-    use_O = O is not None and kind == SOFTMAX
+    use_O = O is not None and variant.output_rowsum
 
     def f(Q, K, V, A, G_O, dQ, dK, dV, allowed, O):
         if A is None:
-            A = attention_matrix(Q, K, allowed, kind)
+            A = attention_matrix(Q, K, allowed, variant)
         zero = torch.zeros((), dtype=Q.dtype, device=Q.device)
         dQ_ = zero.expand_as(Q) if dQ is None else dQ
         dK_ = zero.expand_as(K) if dK is None else dK
@@ -246,22 +243,18 @@ def core_hvp(Q, K, V, A, G_O, dQ, dK, dV, kind: str = SOFTMAX, allowed=None, O=N
         dT = _cat_last(dQ_, Q) @ _cat_last(K, dK_).transpose(-1, -2)
         dT.mul_(scale)
         dG_A = G_O @ dV_.transpose(-1, -2)
-        if kind == SOFTMAX:
-            if use_O:
-                rho = (G_O * O).sum(-1, keepdim=True)
-                G_T = (G_A - rho).mul_(A).mul_(scale)
-            else:
-                AG = A * G_A
-                rho = AG.sum(-1, keepdim=True)
-                G_T = (AG - A * rho).mul_(scale)
-            AdT = A * dT
-            dA = torch.addcmul(AdT, A, AdT.sum(-1, keepdim=True), value=-1.0)
-            S = torch.addcmul(dA * G_A, A, dG_A)
-            dG_T = torch.addcmul(torch.addcmul(S, dA, rho, value=-1.0), A, S.sum(-1, keepdim=True), value=-1.0)
+        rho = None
+        if use_O:  # rowsum(A * G_A) from the core output: an [..., L, d] reduction
+            rho = (G_O * O).sum(-1, keepdim=True)
+            G_T = (G_A - rho).mul_(A).mul_(scale)
+        elif variant.output_rowsum:
+            AG = A * G_A
+            rho = AG.sum(-1, keepdim=True)
+            G_T = (AG - A * rho).mul_(scale)
         else:
-            G_T = softmax_jvp(A, G_A, kind, allowed).mul_(scale)
-            dA = softmax_jvp(A, dT, kind, allowed)
-            dG_T = softmax_jvp(A, dG_A, kind, allowed)
+            G_T = variant.jvp(A, G_A, allowed) * scale
+        dA = variant.jvp(A, dT, allowed)
+        dG_T = variant.second_order(A, dA, G_A, dG_A, rho, allowed)
         dG_T = dG_T * scale
         dG_V = dA.transpose(-1, -2) @ G_O
         dG_Q = dG_T @ K + G_T @ dK_

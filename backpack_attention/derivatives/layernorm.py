@@ -20,7 +20,7 @@ the normalised dimensions) and weight :math:`\boldsymbol\gamma`:
 :func:`~backpack_attention.derivatives.function.linear_backward` (its own backward is the JVP) and
 PyTorch's LayerNorm backward otherwise (whose exact double backward then gives Hessians).
 LayerNorm parameters are constants of these nodes: use them only where those parameters are not
-differentiated (the operators differentiate attention parameters only).
+differentiated.
 """
 
 from __future__ import annotations
@@ -33,13 +33,38 @@ from torch import Tensor, nn
 from backpack_attention.derivatives.function import linear_backward_active
 
 
-def _dims(normalized_shape: Sequence[int]):
+def normalized_dims(normalized_shape: Sequence[int]):
+    """The trailing dimensions a LayerNorm of ``normalized_shape`` normalises over."""
     return tuple(range(-len(normalized_shape), 0))
 
 
-def _center(t: Tensor, x_hat: Tensor, rstd: Tensor, dims) -> Tensor:
-    """``r (t - mean(t) - x_hat mean(x_hat t))`` over ``dims`` (the symmetric middle factor)."""
+def normalize(x: Tensor, dims, eps: float):
+    r"""``(x_hat, r)``: :math:`\hat{\mathbf x} = (\mathbf x - \mu) r`, :math:`r = (\mathrm{var} + \epsilon)^{-1/2}`
+    (biased variance) over ``dims``; ``r`` keeps the reduced dimensions as size 1."""
+    xc = x - x.mean(dims, keepdim=True)
+    rstd = ((xc * xc).mean(dims, keepdim=True) + eps).rsqrt()
+    return xc * rstd, rstd
+
+
+def center(t: Tensor, x_hat: Tensor, rstd: Tensor, dims) -> Tensor:
+    """``r (t - mean(t) - x_hat mean(x_hat t))`` over ``dims``: the symmetric middle factor ``P`` of
+    LayerNorm's Jacobian ``J = diag(gamma) P`` (``J^T g = P (gamma * g)``). The one implementation,
+    used by the operators' nodes and the BackPACK derivatives."""
     return rstd * (t - t.mean(dims, keepdim=True) - x_hat * (x_hat * t).mean(dims, keepdim=True))
+
+
+def layer_norm_explicit(x: Tensor, normalized_shape, weight, bias, eps: float) -> Tensor:
+    """LayerNorm written in elementary ops. ``torch.func``'s forward-over-reverse through
+    ``F.layer_norm`` (``jacfwd(jacrev(...))``, hence ``torch.func.hessian``) is wrong in torch 2.13
+    and 2.14; through these ops it is right. Use it where ``torch.func`` takes second derivatives."""
+    y, _ = normalize(x, normalized_dims(normalized_shape), eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 
 
 class LayerNormTransposedJacobian(torch.autograd.Function):
@@ -49,7 +74,7 @@ class LayerNormTransposedJacobian(torch.autograd.Function):
 
     @staticmethod
     def forward(g, x_hat, rstd, weight, dims):
-        return _center(g if weight is None else g * weight, x_hat, rstd, dims)
+        return center(g if weight is None else g * weight, x_hat, rstd, dims)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,7 +85,7 @@ class LayerNormTransposedJacobian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, c):
         x_hat, rstd, weight = ctx.saved_tensors
-        Jc = _center(c, x_hat, rstd, ctx.dims)
+        Jc = center(c, x_hat, rstd, ctx.dims)
         return (Jc if weight is None else Jc * weight), None, None, None, None
 
 
@@ -88,7 +113,7 @@ class CachedLayerNorm(torch.autograd.Function):
         if linear_backward_active():
             # mean / rstd are stored with the normalised dimensions reduced to size 1
             x_hat = (x.detach() - mean) * rstd
-            dx = LayerNormTransposedJacobian.apply(dy, x_hat, rstd, weight, _dims(shape))
+            dx = LayerNormTransposedJacobian.apply(dy, x_hat, rstd, weight, normalized_dims(shape))
         else:
             dx = torch.ops.aten.native_layer_norm_backward(
                 dy, x, shape, mean, rstd, weight, bias, [True, False, False])[0]

@@ -1,54 +1,14 @@
-r"""curvlinops linear operators for the GGN and Hessian of attention parameters.
+"""The data loop and curvlinops conventions shared by the curvature operators.
 
-:class:`AttentionGGNLinearOperator` and :class:`AttentionHessianLinearOperator` take the same
-arguments as curvlinops 3.x ``GGNLinearOperator`` / ``HessianLinearOperator`` and represent the
-same matrices, restricted to ``params``: any parameters of any
-:class:`~backpack_attention.MultiheadSelfAttention` modules in the model (several layers, any
-subset, any order). They are curvlinops ``PyTorchLinearOperator`` s, so ``@``, ``.to_scipy()``
-(``scipy.sparse.linalg.eigsh``), curvlinops' trace/diagonal estimators, Lanczos spectral
-densities and ``SubmatrixLinearOperator`` work on them.
-
-How a product is computed (per batch, see ``docs/operators.md`` for the cost model)
--------------------------------------------------------------------------------------
-One forward pass per batch runs inside
-:func:`~backpack_attention.derivatives.function.cached_attention`: every softmax attention core
-forms its attention matrix :math:`\mathbf A` once and becomes a
-:class:`~backpack_attention.derivatives.function.CachedSoftmaxCore`, whose first *and second*
-derivatives are closed forms on the cached :math:`\mathbf A`
-(:func:`~backpack_attention.derivatives.core.core_vjp`, ``core_jvp``, ``core_hvp``, computed in
-cache-sized chunks). ``nn.LayerNorm`` outputs become
-:class:`~backpack_attention.derivatives.layernorm.CachedLayerNorm` nodes (closed-form JVP for the
-GGN's double-VJP pass). The forward graph is kept; the rest of the network (projections, MLPs,
-residuals, readout) is differentiated by autograd on that graph.
-
-* GGN: :math:`\mathbf G\mathbf v = \mathbf J^\top\boldsymbol\Lambda\mathbf J\mathbf v`. The backward
-  graph :math:`\mathbf u\mapsto\mathbf J^\top\mathbf u` is recorded once per batch (inside
-  :func:`~backpack_attention.derivatives.function.linear_backward`, so attention cores enter
-  as linear maps of the cotangent); differentiating it in :math:`\mathbf u` gives
-  :math:`\mathbf J\mathbf v` (one pass, attention cores by ``core_jvp``), then the loss Hessian
-  :math:`\boldsymbol\Lambda` and one backward pass through the cached forward graph.
-* Hessian: the gradient graph :math:`\nabla_\theta\mathcal L` is recorded once per batch; a
-  product is one backward pass through it (attention cores by ``core_hvp`` and ``core_vjp``).
-  ``part="functional"`` (:math:`\mathbf H - \mathbf G`) is one backward pass through the recorded
-  graph of :math:`\mathbf J^\top\mathbf g` with the output gradient :math:`\mathbf g` held constant.
-
-Every layer is traversed once per direction, so cross-layer blocks, shared (repeated) layers
-and layers below or above the selected ones cost no extra passes.
-
-Data parallel: when ``torch.distributed`` is initialised, each rank passes its own shard as
-``data``; ``num_data=None`` counts all ranks' data, and every product is all-reduced (sum), so
-all ranks hold the full-data product. All ranks must call each product (collective).
-
-Caching trade-off: each cached batch keeps its forward graph with the attention matrices
-(:math:`NHL^2` numbers per layer) and, once used, the recorded backward graph, a few times the
-activation memory of a training step. The first ``max_cached_batches`` batches are cached;
-later ones are recomputed for every product (streaming). Cached batches assume the data yields
-the same batches in the same order every time and that the parameters do not change; call
-:meth:`clear_cache` after changing either.
+:class:`AttentionCurvatureLinearOperator` owns everything that is not a product: argument checks,
+parameter bookkeeping, the loop over ``data`` with curvlinops' batch weighting, the per-batch
+cache, column chunking, data parallelism and the determinism check. A concrete operator only says
+which product one batch contributes (:meth:`AttentionCurvatureLinearOperator._batch_mv`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -57,13 +17,11 @@ from torch import Tensor, nn
 from torch.autograd import grad
 
 from backpack_attention._compat import PyTorchLinearOperator, as_param_list
-from backpack_attention.derivatives.function import cached_attention, linear_backward
-from backpack_attention.derivatives.layernorm import layer_norm_nodes
 from backpack_attention.derivatives.loss import batch_weight
-from backpack_attention.module import PARAM_NAMES, MultiheadSelfAttention
-
-PARTS = ("full", "outer", "functional")
-
+from backpack_attention.layout import PARAM_NAMES
+from backpack_attention.module import MultiheadSelfAttention
+from backpack_attention.checks import check_no_randomness, check_precision, check_reiterable
+from backpack_attention.operators.engine import BatchState
 
 # ---------------------------------------------------------------------------------------------
 # parameter bookkeeping
@@ -116,30 +74,6 @@ class _RequiresGrad:
             p.requires_grad_(flag)
 
 
-class _CallRecorder:
-    """Context: records which of the given attention layers the forward pass calls."""
-
-    def __init__(self, layers: Dict[str, MultiheadSelfAttention]):
-        self.layers, self.called, self.handles = layers, set(), []
-
-    def __enter__(self):
-        for name, mod in self.layers.items():
-            self.handles.append(mod.register_forward_hook(lambda *_, name=name: self.called.add(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
-def _grad(outputs, inputs, grad_outputs, **kw) -> List[Optional[Tensor]]:
-    """``torch.autograd.grad`` that skips outputs without a graph and returns ``None`` for unused inputs."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
-    if not pairs:
-        return [None] * len(inputs)
-    return list(grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kw))
-
-
 def _normal(t):
     """``t`` itself, or a normal copy if it was created under ``torch.inference_mode`` (inference
     tensors cannot enter autograd graphs)."""
@@ -161,97 +95,27 @@ def _all_reduce_int(n: int, device) -> int:
     return int(t.item())
 
 
-# ---------------------------------------------------------------------------------------------
-# per-batch state
-# ---------------------------------------------------------------------------------------------
-class _BatchState:
-    """Cached forward pass of one batch and the products on it (unnormalised: one batch's loss).
+class ModelState:
+    """What a cache depends on: every parameter and buffer of the model, by version counter and data
+    pointer (no host synchronisation), and on the CPU by value too (``p.data`` writes, e.g. an EMA
+    update, bump no version counter)."""
 
-    Products take and return tensor lists in parameter shapes; with ``batched`` every tangent
-    carries a leading column axis (autograd's ``is_grads_batched``). Construct and use it inside
-    ``_RequiresGrad(model, params)``.
-    """
-
-    def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
-        self.loss_func, self.params, self.y = loss_func, params, y
-        with torch.enable_grad(), cached_attention(), layer_norm_nodes(model), _CallRecorder(layers) as rec:
-            self.out = model(X)
-        missing = sorted(set(layers) - rec.called)
-        if missing:
-            raise ValueError(f"attention layers {missing} own selected params but are not called by the model's forward")
-        self._out_grad = None
-        self._ggn = None
-        self._hess = None
-        self._func = None
+    def __init__(self, model: nn.Module):
+        self.tensors = [t for t in list(model.parameters()) + list(model.buffers())]
+        self.keys = [self._key(t) for t in self.tensors]
+        self.values = [t.detach().clone() if t.device.type == "cpu" else None for t in self.tensors]
 
     @staticmethod
-    def _grads(outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
-        return _grad(outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=batched)
+    def _key(t: Tensor):
+        return t._version, t.data_ptr(), tuple(t.shape)
 
-    # -- GGN -----------------------------------------------------------------------------------
-    def _output_gradient(self) -> Tuple[Tensor, Tensor]:
-        """``(f, g)``: the detached model output and the loss gradient ``g = grad_f loss`` at it, with
-        the graph of ``g`` in ``f`` (its derivative is the loss Hessian Lambda). Shared by the GGN
-        (Lambda) and functional (``g`` as a constant) products."""
-        if self._out_grad is None:
-            with torch.enable_grad():
-                out_d = self.out.detach().requires_grad_(True)
-                (g_out,) = grad(self.loss_func(out_d, self.y), out_d, create_graph=True)
-            self._out_grad = (out_d, g_out)
-        return self._out_grad
-
-    def _build_ggn(self):
-        out_d, g_out = self._output_gradient()
-        with torch.enable_grad():
-            u = torch.zeros_like(self.out, requires_grad=True)
-            with linear_backward():
-                Jt_u = _grad([self.out], self.params, [u], create_graph=True, retain_graph=True)
-        self._ggn = (out_d, g_out, u, Jt_u)
-
-    def ggn_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
-        """``G v = J^T Lambda J v`` for one batch."""
-        if self._ggn is None:
-            self._build_ggn()
-        out_d, g_out, u, Jt_u = self._ggn
-        (Jv,) = self._grads(Jt_u, [u], v, batched)  # J v: derivative of J^T u in u, along v
-        if Jv is None:
-            return [None] * len(self.params)
-        (lam,) = self._grads([g_out], [out_d], [Jv], batched)
-        if lam is None:
-            return [None] * len(self.params)
-        return self._grads([self.out], self.params, [lam], batched)
-
-    # -- Hessian -------------------------------------------------------------------------------
-    def _build_hessian(self):
-        with torch.enable_grad():
-            loss = self.loss_func(self.out, self.y)
-            self._hess = _grad([loss], self.params, [torch.ones_like(loss)], create_graph=True, retain_graph=True)
-
-    def hessian_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
-        """``H v`` for one batch: one backward pass through the recorded gradient graph."""
-        if self._hess is None:
-            self._build_hessian()
-        return self._grads(self._hess, self.params, v, batched)
-
-    # -- functional part -----------------------------------------------------------------------
-    def _build_functional(self):
-        g_out = self._output_gradient()[1].detach()  # a constant cotangent
-        with torch.enable_grad():
-            self._func = _grad([self.out], self.params, [g_out], create_graph=True, retain_graph=True)
-
-    def functional_mv(self, v: List[Tensor], batched: bool = False) -> List[Optional[Tensor]]:
-        r"""``(H - G) v`` for one batch: the derivative of :math:`\mathbf J^\top\mathbf g` at the
-        constant output gradient :math:`\mathbf g = \nabla_{\mathbf f}\ell` (one backward pass through
-        its recorded graph; no GGN product needed)."""
-        if self._func is None:
-            self._build_functional()
-        return self._grads(self._func, self.params, v, batched)
+    def changed(self) -> bool:
+        if any(self._key(t) != k for t, k in zip(self.tensors, self.keys)):
+            return True
+        return any(v is not None and not torch.equal(t.detach(), v) for t, v in zip(self.tensors, self.values))
 
 
-# ---------------------------------------------------------------------------------------------
-# operators
-# ---------------------------------------------------------------------------------------------
-class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
+class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     """Data loop, normalisation, caching and checks shared by the GGN and Hessian operators."""
 
     SELF_ADJOINT = True
@@ -279,15 +143,18 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             )
         if not isinstance(max_cached_batches, int) or max_cached_batches < 0:
             raise ValueError(f"max_cached_batches must be an int >= 0, got {max_cached_batches!r}")
+        check_reiterable(data)
         self._params = as_param_list(params)
         if not all(isinstance(p, Tensor) for p in self._params):
             raise TypeError("params must contain tensors (the model's parameters)")
         self._layers = resolve_attention_params(model_func, self._params)
+        check_no_randomness(model_func)
         dtypes = {p.dtype for p in self._params}
         devices = {p.device for p in self._params}
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"params must share one dtype and device, got dtypes {dtypes} and devices {devices}")
         self._dtype, self._device = dtypes.pop(), devices.pop()
+        check_precision(self._dtype, "params")
         self._model_func, self._loss_func, self._data = model_func, loss_func, data
         self._progressbar = progressbar
         self._batch_size_fn = batch_size_fn
@@ -295,8 +162,9 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         if not isinstance(column_chunk, int) or column_chunk < 1:
             raise ValueError(f"column_chunk must be a positive int, got {column_chunk!r}")
         self._chunk = column_chunk
-        self._cache: Dict[int, _BatchState] = {}
+        self._cache: Dict[int, BatchState] = {}
         self._num_batches: Optional[int] = None
+        self._model_state: Optional[ModelState] = None
 
         first = next(iter(data), None)
         if first is None:
@@ -322,9 +190,20 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         return self._device
 
     def clear_cache(self) -> None:
-        """Drop the cached batches (after changing the parameters or the data)."""
+        """Drop the cached batches. Products rebuild them by themselves when the model's parameters,
+        buffers or the cached input tensors change (see :class:`ModelState`); call this after
+        changing what they cannot see (e.g. ``p.data`` on an accelerator, or the data's order)."""
         self._cache.clear()
         self._num_batches = None
+        self._model_state = None
+
+    def _refresh_cache(self) -> None:
+        """Drop the cache if the model or a cached batch's inputs changed since it was built."""
+        if not self._cache:
+            return
+        if (self._model_state is not None and self._model_state.changed()) or any(
+                s.inputs_changed() for s in self._cache.values()):
+            self.clear_cache()
 
     # -- data ----------------------------------------------------------------------------------
     def _batch_size(self, X) -> int:
@@ -346,6 +225,8 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                 f"data is on ({X.device}, {y.device}) but the parameters are on {self._device}; "
                 "move the data (or the model) so that they match"
             )
+        if X.dim() == 0 or X.shape[0] == 0:
+            raise ValueError(f"data: a batch X of shape {list(X.shape)} has no samples; drop empty batches")
         if X.is_floating_point() and X.dtype != self._dtype:
             raise ValueError(f"data X has dtype {X.dtype} but the parameters have {self._dtype}; cast one of them")
         if y.is_floating_point() and y.dtype != self._dtype:
@@ -372,16 +253,18 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                 yield self._cache[i]
                 continue
             self._check_batch(X, y)
-            state = _BatchState(self._model_func, self._loss_func, self._params, self._layers, _normal(X), _normal(y))
+            state = BatchState(self._model_func, self._loss_func, self._params, self._layers, _normal(X), _normal(y))
             state.factor = self._factor(X)
             if use_cache and i < self._max_cached:
+                if not self._cache:
+                    self._model_state = ModelState(self._model_func)
                 self._cache[i] = state
             yield state
         if use_cache:
             self._num_batches = n
 
     # -- products ------------------------------------------------------------------------------
-    def _batch_mv(self, state: _BatchState, v: List[Tensor], batched: bool) -> List[Optional[Tensor]]:
+    def _batch_mv(self, state: BatchState, v: List[Tensor], batched: bool) -> List[Optional[Tensor]]:
         raise NotImplementedError
 
     @torch.inference_mode(False)
@@ -402,6 +285,8 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                     f"on {self._device}: pass v.to(op.dtype) / v.to(op.device) (or use op.to_scipy(), which casts)"
                 )
         M = [_normal(m) for m in M]
+        if use_cache:
+            self._refresh_cache()
         out = [torch.zeros_like(m) for m in M]
         K = M[0].shape[-1]
         Mt = [m.movedim(-1, 0) for m in M]  # [K, *p.shape]
@@ -445,6 +330,11 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             RuntimeError: if they differ (dropout, data augmentation, shuffling, ``drop_last`` ...).
         """
         (l1, g1), (l2, g2) = self._loss_and_gradient(), self._loss_and_gradient()
+        if not math.isfinite(l1) or not all(bool(torch.isfinite(g).all()) for g in g1):
+            raise ValueError(
+                f"the loss ({l1}) or its gradient is not finite on the data: check the inputs, targets and "
+                "parameters for nan/inf (curvature is undefined there)"
+            )
         if abs(l1 - l2) > atol + rtol * abs(l2):
             raise RuntimeError("Check for deterministic total loss failed (model in train mode with dropout? shuffled data?)")
         if any(not torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(g1, g2)):
@@ -454,52 +344,3 @@ class _AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         r1, r2 = self._matmat(v, use_cache=False), self._matmat(v, use_cache=False)
         if any(not torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in zip(r1, r2)):
             raise RuntimeError("Check for deterministic matrix-vector product failed")
-
-
-class AttentionGGNLinearOperator(_AttentionCurvatureLinearOperator):
-    r"""Generalised Gauss-Newton :math:`\mathbf G = \sum_n \mathbf J_n^\top\boldsymbol\Lambda_n\mathbf J_n`
-    restricted to attention parameters; the same matrix as curvlinops' ``GGNLinearOperator``.
-
-    Args:
-        model_func: the model (an ``nn.Module``) containing :class:`MultiheadSelfAttention` layers.
-        loss_func: loss module with ``reduction`` ``"mean"`` or ``"sum"`` (any twice-differentiable
-            loss of the model output and targets, e.g. ``nn.CrossEntropyLoss``, ``nn.MSELoss``).
-        params: list of parameters of the model's attention layers (any subset, any order; a
-            ``dict`` name -> parameter is also accepted). Shapes define the operator's layout.
-        data: iterable of ``(X, y)`` batches (same batches, same order, each time).
-        progressbar: show a progress bar over batches.
-        check_deterministic: run curvlinops-style determinism checks at construction.
-        num_data: number of data points (``None``: one pass over ``data`` to count them).
-        batch_size_fn: batch size of dict-like ``X`` (required then).
-        max_cached_batches: how many batches keep their forward cache between products.
-        column_chunk: columns of a matrix product processed together (vectorised; memory grows
-            with it like curvlinops' vmapped matmat).
-
-    Shape: ``[P, P]`` with ``P = sum(p.numel() for p in params)``.
-    """
-
-    def _batch_mv(self, state, v, batched):
-        return state.ggn_mv(v, batched)
-
-
-class AttentionHessianLinearOperator(_AttentionCurvatureLinearOperator):
-    r"""Hessian :math:`\nabla^2_\theta\mathcal L` restricted to attention parameters, or one of its parts.
-
-    Args:
-        part: ``"full"`` (the Hessian, = curvlinops' ``HessianLinearOperator``), ``"outer"`` (the
-            outer-product part = the GGN) or ``"functional"`` (Hessian minus GGN; indefinite).
-        Other arguments: as :class:`AttentionGGNLinearOperator`.
-    """
-
-    def __init__(self, model_func, loss_func, params, data, *, part: str = "full", **kwargs):
-        if part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        self.part = part
-        super().__init__(model_func, loss_func, params, data, **kwargs)
-
-    def _batch_mv(self, state, v, batched):
-        if self.part == "outer":
-            return state.ggn_mv(v, batched)
-        if self.part == "functional":
-            return state.functional_mv(v, batched)
-        return state.hessian_mv(v, batched)

@@ -1,0 +1,131 @@
+"""No silent wrong answers: inputs the math does not cover get a clear error before any work, and
+cached operators notice changed parameters and inputs (each case failed silently before)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import backpack_attention as ba
+from backpack_attention import AttentionGGNLinearOperator, AttentionHessianLinearOperator, MultiheadSelfAttention
+from reference import rel_error
+
+DT = torch.float64
+
+
+class Net(nn.Module):
+    def __init__(self, E=4, H=2, dtype=DT, dropout=0.0):
+        super().__init__()
+        self.attn = MultiheadSelfAttention(E, H, causal=True, dtype=dtype)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(E, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.drop(self.attn(x))))
+
+
+def _problem(seed=0, dtype=DT, **kw):
+    torch.manual_seed(seed)
+    net = Net(dtype=dtype, **kw)
+    data = [(torch.randn(3, 5, 4, dtype=dtype), torch.randn(3, 5, 3, dtype=dtype)) for _ in range(2)]
+    return net, nn.MSELoss(), data
+
+
+def _fresh(op_cls, net, loss, data, v, **kw):
+    return op_cls(net, loss, list(net.attn.parameters()), data, **kw) @ v
+
+
+@pytest.mark.parametrize("op_cls", [AttentionGGNLinearOperator, AttentionHessianLinearOperator])
+def test_one_shot_iterators_are_refused(op_cls):
+    net, loss, data = _problem()
+    params = list(net.attn.parameters())
+    gen = ((X, y) for X, y in data)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        op_cls(net, loss, params, gen)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        op_cls(net, loss, params, iter(data))
+    with pytest.raises(TypeError, match="iterable of"):
+        op_cls(net, loss, params, 3)
+    # the documented alternative works
+    op = op_cls(net, loss, params, list((X, y) for X, y in data))
+    v = torch.randn(op.shape[1], dtype=DT)
+    assert rel_error(op @ v, _fresh(op_cls, net, loss, data, v)) < 1e-12
+
+
+def test_attention_block_eigenvalues_refuses_generators():
+    net, loss, data = _problem()
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        ba.attention_block_eigenvalues(net, loss, ((X, y) for X, y in data))
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "p.data", "other_layer", "data_inplace"])
+@pytest.mark.parametrize("op_cls", [AttentionGGNLinearOperator, AttentionHessianLinearOperator])
+def test_cached_operators_follow_changes(op_cls, change):
+    net, loss, data = _problem()
+    op = op_cls(net, loss, list(net.attn.parameters()), data)
+    v = torch.randn(op.shape[1], dtype=DT)
+    before = op @ v  # builds the cache
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        net.zero_grad()
+        loss(net(data[0][0]), data[0][1]).backward()
+        opt.step()
+    with torch.no_grad():
+        if change == "optimizer_step":
+            pass
+        elif change == "p.data":  # EMA-style: bumps no version counter
+            net.attn.in_proj_weight.data.mul_(0.5).add_(0.3)
+        elif change == "other_layer":
+            net.out.weight.add_(0.5)
+        else:
+            data[1][0].mul_(2.0)
+    after = op @ v
+    ref = _fresh(op_cls, net, loss, data, v)
+    assert rel_error(after, ref) < 1e-12
+    assert rel_error(before, ref) > 1e-3  # the change mattered
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_refused(dtype):
+    net, loss, data = _problem(dtype=torch.float32)
+    net = net.to(dtype)
+    data = [(X.to(dtype), y.to(dtype)) for X, y in data]
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        AttentionGGNLinearOperator(net, loss, list(net.attn.parameters()), data)
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        ba.hessian_blocks(net, loss, net.attn, data)
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        ba.attention_factors(net, loss, net.attn, data)
+
+
+def test_non_finite_data_is_named():
+    net, loss, data = _problem()
+    data[1][0][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        AttentionHessianLinearOperator(net, loss, list(net.attn.parameters()), data)
+    with pytest.raises(ValueError, match="non-finite"):
+        ba.hessian_blocks(net, loss, net.attn, data)
+
+
+def test_empty_batches_and_sequences():
+    net, loss, data = _problem()
+    with pytest.raises(ValueError, match="no samples"):
+        AttentionGGNLinearOperator(net, loss, list(net.attn.parameters()),
+                                   [(data[0][0][:0], data[0][1][:0])] + data)
+    with pytest.raises(ValueError, match="L=0"):
+        net.attn(torch.randn(2, 0, 4, dtype=DT))
+
+
+def test_random_forward_is_refused():
+    net, loss, data = _problem(dropout=0.5)
+    net.train()
+    with pytest.raises(ValueError, match="dropout"):
+        AttentionGGNLinearOperator(net, loss, list(net.attn.parameters()), data, check_deterministic=False)
+    net.eval()
+    AttentionGGNLinearOperator(net, loss, list(net.attn.parameters()), data)
+
+
+def test_integer_dtype_module_is_refused():
+    with pytest.raises(TypeError, match="floating-point"):
+        MultiheadSelfAttention(4, 2, dtype=torch.int64)
