@@ -52,3 +52,60 @@ def split_flat(flat, params, names):
         out[n] = flat[..., i : i + k].reshape(*flat.shape[:-1], *params[n].shape)
         i += k
     return out
+
+
+def dense_hessian_double_backward(model, loss_func, params, batches, num_data=None, chunk=64):
+    """Hessian of the empirical risk w.r.t. ``params`` (concatenated, row-major) by double backward.
+
+    Reverse-over-reverse is right through ``layer_norm``, where torch's forward-over-reverse
+    (``torch.func.hessian``, curvlinops' ``HessianLinearOperator``) is wrong in torch 2.13/2.14.
+    Run it on a model whose attention supports double backward (``nn.MultiheadAttention`` under
+    ``sdpa_kernel(SDPBackend.MATH)``).
+    """
+    params = list(params)
+    P = sum(p.numel() for p in params)
+    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
+    H = torch.zeros(P, P, dtype=params[0].dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        for X, y in batches:
+            w = X.shape[0] / N_total if loss_func.reduction == "mean" else 1.0
+            loss = w * loss_func(model(X), y)
+            g = torch.autograd.grad(loss, params, create_graph=True)
+            flat = torch.cat([t.reshape(-1) for t in g])
+            for i0 in range(0, P, chunk):
+                i1 = min(P, i0 + chunk)
+                E = torch.zeros(i1 - i0, P, dtype=flat.dtype)
+                E[torch.arange(i1 - i0), torch.arange(i0, i1)] = 1.0
+                rows = torch.autograd.grad(flat, params, E, retain_graph=True, is_grads_batched=True, allow_unused=True)
+                H[i0:i1] += torch.cat([torch.zeros(i1 - i0, p.numel(), dtype=flat.dtype) if r is None
+                                       else r.reshape(i1 - i0, -1) for r, p in zip(rows, params)], dim=1)
+    return H
+
+
+def dense_ggn(model, loss_func, params, batches, num_data=None):
+    """GGN ``sum_n J_n^T Lambda_n J_n`` by reverse mode only (``jacrev``; right through LayerNorm)."""
+    _, G = None, 0
+    names = []
+    for q in params:
+        names.extend(n for n, p in model.named_parameters() if p is q)
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [base[n].numel() for n in names]
+
+    def unflatten(flat):
+        ps, i = dict(base), 0
+        for n, s in zip(names, sizes):
+            ps[n] = flat[i : i + s].view_as(base[n])
+            i += s
+        return ps
+
+    flat0 = torch.cat([base[n].flatten() for n in names])
+    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
+    with sdpa_kernel(SDPBackend.MATH):
+        for X, y in batches:
+            w = X.shape[0] / N_total if loss_func.reduction == "mean" else 1.0
+            out_fn = lambda flat: functional_call(model, unflatten(flat), (X,))  # noqa: E731
+            out0 = out_fn(flat0).detach()
+            J = jacrev(out_fn)(flat0).reshape(out0.numel(), -1)
+            HL = hessian(lambda o: loss_func(o, y))(out0).reshape(out0.numel(), out0.numel())
+            G = G + w * J.T @ HL @ J
+    return G

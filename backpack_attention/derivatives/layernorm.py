@@ -123,7 +123,8 @@ class CachedLayerNorm(torch.autograd.Function):
 class layer_norm_nodes:
     """Context: the ``nn.LayerNorm`` modules of ``model`` output :class:`CachedLayerNorm` nodes.
 
-    Only layers whose input carries a graph are swapped; outputs are unchanged.
+    Only layers whose input carries a graph and whose parameters do not require grad are swapped;
+    outputs are unchanged.
     """
 
     def __init__(self, model: nn.Module):
@@ -143,5 +144,7 @@ class layer_norm_nodes:
         x = args[0] if args else None
         if not isinstance(x, Tensor) or not x.requires_grad:
             return output
+        if any(p is not None and p.requires_grad for p in (module.weight, module.bias)):
+            return output  # its parameters are differentiated: keep torch's node (exact double backward)
         d = lambda p: None if p is None else p.detach()  # noqa: E731
         return CachedLayerNorm.apply(x, tuple(module.normalized_shape), d(module.weight), d(module.bias), module.eps)[0]

@@ -2,9 +2,10 @@ r"""curvlinops linear operators for the GGN and Hessian of models with attention
 
 :class:`AttentionGGNLinearOperator` and :class:`AttentionHessianLinearOperator` take the same
 arguments as curvlinops 3.x ``GGNLinearOperator`` / ``HessianLinearOperator`` and represent the
-same matrices, restricted to ``params``: any parameters of any
-:class:`~backpack_attention.MultiheadSelfAttention` modules in the model (several layers, any
-subset, any order). They are curvlinops ``PyTorchLinearOperator`` s, so ``@``, ``.to_scipy()``
+same matrices, restricted to ``params``: any parameters of the model, in any order (attention
+layers, several of them, any subset, and the rest of the network: MLPs, LayerNorms, embeddings,
+read-outs), with exact cross terms, so they are drop-in replacements for curvlinops' operators on
+models with attention. They are curvlinops ``PyTorchLinearOperator`` s, so ``@``, ``.to_scipy()``
 (``scipy.sparse.linalg.eigsh``), curvlinops' trace/diagonal estimators, Lanczos spectral
 densities and ``SubmatrixLinearOperator`` work on them.
 
@@ -18,7 +19,10 @@ derivatives are closed forms on the cached :math:`\mathbf A`
 (:func:`~backpack_attention.derivatives.core.core_vjp`, ``core_jvp``, ``core_hvp``, computed in
 cache-sized chunks). ``nn.LayerNorm`` outputs become
 :class:`~backpack_attention.derivatives.layernorm.CachedLayerNorm` nodes (closed-form JVP for the
-GGN's double-VJP pass). The forward graph is kept; the rest of the network (projections, MLPs,
+GGN's double-VJP pass) unless their own parameters are selected. Everything is differentiated in
+reverse mode only (double VJPs), which is right through ``layer_norm`` where torch's
+forward-over-reverse (``torch.func.hessian``, curvlinops' ``HessianLinearOperator``) is wrong in
+torch 2.13/2.14. The forward graph is kept; the rest of the network (projections, MLPs,
 residuals, readout) is differentiated by autograd on that graph.
 
 * GGN: :math:`\mathbf G\mathbf v = \mathbf J^\top\boldsymbol\Lambda\mathbf J\mathbf v`. The backward

@@ -26,15 +26,31 @@ from backpack_attention.operators.engine import BatchState
 # ---------------------------------------------------------------------------------------------
 # parameter bookkeeping
 # ---------------------------------------------------------------------------------------------
-def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> Dict[str, MultiheadSelfAttention]:
-    """The attention layers that own ``params`` (name -> module); raise clear errors otherwise.
+def resolve_params(model: nn.Module, params: List[Tensor]) -> Dict[str, MultiheadSelfAttention]:
+    """Check ``params`` against ``model``; return the attention layers that own some of them.
+
+    ``params`` may be any parameters of the model: attention layers go through the closed forms,
+    everything else through autograd on the cached graph.
+
+    Returns:
+        ``{name: module}`` of the :class:`MultiheadSelfAttention` layers owning selected parameters
+        (their calls are checked at each forward pass).
 
     Raises:
-        ValueError: ``params`` is empty, has duplicates, or contains a parameter that belongs to
-            no :class:`MultiheadSelfAttention` of ``model`` (named in the message).
+        ValueError: ``params`` is empty, has duplicates, or contains a tensor that is not a
+            parameter of ``model`` (named by shape in the message).
     """
     if len(params) == 0:
-        raise ValueError("params is empty: pass parameters of the model's MultiheadSelfAttention modules")
+        raise ValueError("params is empty: pass a list of the model's parameters, e.g. list(model.parameters())")
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    bad = [f"params[{i}] (a tensor of shape {list(p.shape)})" for i, p in enumerate(params) if id(p) not in names]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} is not a parameter of the model; pass parameters of model_func "
+            "(e.g. [p for p in model.parameters()] or model.blocks[0].attn.parameters())"
+        )
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("params contains the same parameter more than once")
     owner: Dict[int, Tuple[str, MultiheadSelfAttention]] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, MultiheadSelfAttention):
@@ -42,18 +58,7 @@ def resolve_attention_params(model: nn.Module, params: List[Tensor]) -> Dict[str
                 p = getattr(mod, pname)
                 if p is not None:
                     owner.setdefault(id(p), (mname or "<model>", mod))
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    bad = [names.get(id(p), f"<tensor of shape {list(p.shape)} not in the model>") for p in params if id(p) not in owner]
-    if bad:
-        raise ValueError(
-            f"params: {bad} belong to no backpack_attention.MultiheadSelfAttention module of the model. "
-            "These operators cover attention parameters only (in_proj_weight, in_proj_bias, out_proj_weight, "
-            "out_proj_bias of MultiheadSelfAttention, e.g. after convert_attention(model)); use curvlinops' "
-            "GGNLinearOperator / HessianLinearOperator for other parameters."
-        )
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("params contains the same parameter more than once")
-    return dict(owner[id(p)] for p in params)
+    return dict(owner[id(p)] for p in params if id(p) in owner)
 
 
 class _RequiresGrad:
@@ -143,11 +148,10 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             )
         if not isinstance(max_cached_batches, int) or max_cached_batches < 0:
             raise ValueError(f"max_cached_batches must be an int >= 0, got {max_cached_batches!r}")
-        check_reiterable(data)
         self._params = as_param_list(params)
         if not all(isinstance(p, Tensor) for p in self._params):
             raise TypeError("params must contain tensors (the model's parameters)")
-        self._layers = resolve_attention_params(model_func, self._params)
+        self._layers = resolve_params(model_func, self._params)
         check_no_randomness(model_func)
         dtypes = {p.dtype for p in self._params}
         devices = {p.device for p in self._params}
@@ -165,6 +169,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         self._cache: Dict[int, BatchState] = {}
         self._num_batches: Optional[int] = None
         self._model_state: Optional[ModelState] = None
+        check_reiterable(data)
 
         first = next(iter(data), None)
         if first is None:

@@ -7,15 +7,17 @@ from backpack_attention.operators.base import AttentionCurvatureLinearOperator
 
 class AttentionGGNLinearOperator(AttentionCurvatureLinearOperator):
     r"""Generalised Gauss-Newton :math:`\mathbf G = \sum_n \mathbf J_n^\top\boldsymbol\Lambda_n\mathbf J_n`
-    restricted to attention parameters; the same matrix as curvlinops' ``GGNLinearOperator``.
+    restricted to ``params`` (any parameters of the model); the same matrix as curvlinops' ``GGNLinearOperator``.
 
     Args:
-        model_func: the model (an ``nn.Module``) containing :class:`MultiheadSelfAttention` layers.
+        model_func: the model (an ``nn.Module``), typically with
+            :class:`~backpack_attention.MultiheadSelfAttention` layers (or after ``convert_attention``).
         loss_func: loss module with ``reduction`` ``"mean"`` or ``"sum"`` (any twice-differentiable
             loss of the model output and targets, e.g. ``nn.CrossEntropyLoss``, ``nn.MSELoss``).
-        params: list of parameters of the model's attention layers (any subset, any order; a
-            ``dict`` name -> parameter is also accepted). Shapes define the operator's layout.
-        data: iterable of ``(X, y)`` batches (same batches, same order, each time).
+        params: list of parameters of the model (attention layers and any other; any subset, any
+            order; a ``dict`` name -> parameter is also accepted). Shapes define the operator's layout.
+        data: iterable of ``(X, y)`` batches that can be iterated repeatedly (same batches, same
+            order, each time; a generator is refused: pass ``list(...)``).
         progressbar: show a progress bar over batches.
         check_deterministic: run curvlinops-style determinism checks at construction.
         num_data: number of data points (``None``: one pass over ``data`` to count them).

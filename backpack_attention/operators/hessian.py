@@ -9,7 +9,7 @@ PARTS = ("full", "outer", "functional")
 
 
 class AttentionHessianLinearOperator(AttentionCurvatureLinearOperator):
-    r"""Hessian :math:`\nabla^2_\theta\mathcal L` restricted to attention parameters, or one of its parts.
+    r"""Hessian :math:`\nabla^2_\theta\mathcal L` restricted to ``params`` (any parameters of the model), or one of its parts.
 
     Args:
         part: ``"full"`` (the Hessian, = curvlinops' ``HessianLinearOperator``), ``"outer"`` (the
