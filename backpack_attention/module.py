@@ -193,12 +193,22 @@ class MultiheadSelfAttention(nn.Module):
 
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, *, causal: bool = False, name: str = "mha"):
-        """Copy an ``nn.MultiheadAttention`` (self-attention, no dropout, no ``bias_k``/``bias_v``)."""
+    def from_torch(cls, mha: nn.MultiheadAttention, *, causal: bool = False, name: str = "mha",
+                   share: bool = False):
+        """Copy an ``nn.MultiheadAttention`` (self-attention, no dropout, no ``bias_k``/``bias_v``).
+
+        With ``share=True`` the new module uses ``mha``'s parameter objects themselves (the layouts
+        agree), so optimizers and weight tying built on them keep working.
+        """
         check_convertible(mha, name)
         p = mha.in_proj_weight
         new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, causal=causal,
                   device=p.device, dtype=p.dtype)
+        if share:
+            new.in_proj_weight, new.out_proj_weight = mha.in_proj_weight, mha.out_proj.weight
+            if new.bias:
+                new.in_proj_bias, new.out_proj_bias = mha.in_proj_bias, mha.out_proj.bias
+            return new.train(mha.training)
         with torch.no_grad():
             new.in_proj_weight.copy_(mha.in_proj_weight)
             new.out_proj_weight.copy_(mha.out_proj.weight)
@@ -265,6 +275,9 @@ class SelfAttentionAdapter(nn.Module):
         # Read by nn.TransformerEncoder(Layer) to decide on torch's fused fast path, which
         # would bypass this module (and BackPACK's hooks). False keeps the fast path off.
         self._qkv_same_embed_dim = False
+        # Checkpoints keep nn.MultiheadAttention's keys (in_proj_weight, out_proj.weight, ...).
+        self._register_state_dict_hook(SelfAttentionAdapter._to_torch_keys)
+        self._register_load_state_dict_pre_hook(SelfAttentionAdapter._from_torch_keys, with_module=True)
 
     @property
     def in_proj_weight(self):
@@ -274,9 +287,29 @@ class SelfAttentionAdapter(nn.Module):
     def in_proj_bias(self):
         return self.attention.in_proj_bias
 
+    #: ``state_dict`` keys of the child (left) and of ``nn.MultiheadAttention`` (right).
+    _TORCH_KEYS = {"attention.in_proj_weight": "in_proj_weight", "attention.in_proj_bias": "in_proj_bias",
+                   "attention.out_proj_weight": "out_proj.weight", "attention.out_proj_bias": "out_proj.bias"}
+
+    @staticmethod
+    def _to_torch_keys(module, state_dict, prefix, local_metadata):
+        """``state_dict`` hook: save under ``nn.MultiheadAttention``'s keys (checkpoints stay compatible)."""
+        for ours, theirs in SelfAttentionAdapter._TORCH_KEYS.items():
+            if prefix + ours in state_dict:
+                state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+        return state_dict
+
+    @staticmethod
+    def _from_torch_keys(module, state_dict, prefix, *args):
+        """``load_state_dict`` pre-hook: accept ``nn.MultiheadAttention``'s keys (and ours)."""
+        for ours, theirs in SelfAttentionAdapter._TORCH_KEYS.items():
+            if prefix + theirs in state_dict and prefix + ours not in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, name: str = "mha") -> "SelfAttentionAdapter":
-        adapter = cls(MultiheadSelfAttention.from_torch(mha, name=name), batch_first=mha.batch_first, name=name)
+    def from_torch(cls, mha: nn.MultiheadAttention, name: str = "mha", share: bool = False) -> "SelfAttentionAdapter":
+        attention = MultiheadSelfAttention.from_torch(mha, name=name, share=share)
+        adapter = cls(attention, batch_first=mha.batch_first, name=name)
         return adapter.train(mha.training)
 
     def to_torch(self) -> nn.MultiheadAttention:
@@ -303,25 +336,44 @@ class SelfAttentionAdapter(nn.Module):
         return out, (A.mean(1) if average_attn_weights else A)
 
 
-def convert_attention(model: nn.Module) -> nn.Module:
+def convert_attention(model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.MultiheadAttention`` in ``model`` by a :class:`SelfAttentionAdapter`.
 
-    Outputs are unchanged. Modules that cannot be converted (``kdim``/``vdim`` != ``embed_dim``,
-    dropout > 0, ``add_bias_kv``, ``add_zero_attn``) raise a ``ValueError`` naming them, before
-    anything is replaced. A top-level ``nn.MultiheadAttention`` is returned converted (it cannot
-    be replaced in place). Returns the model.
+    Outputs are unchanged. The adapters use the model's own parameter objects, and ``state_dict()``
+    keeps ``nn.MultiheadAttention``'s keys, so optimizers, weight tying and existing checkpoints keep
+    working. Modules that cannot be converted (``kdim``/``vdim`` != ``embed_dim``, dropout > 0,
+    ``add_bias_kv``, ``add_zero_attn``) raise a ``ValueError`` naming them, before anything is
+    replaced. A top-level ``nn.MultiheadAttention`` is returned converted (it cannot be replaced in
+    place). Returns the model.
+
+    Args:
+        strict: raise a ``ValueError`` when ``model`` has no attention at all that the package can
+            use (nothing converted and no :class:`MultiheadSelfAttention` already in it), naming the
+            attention-like modules it found; ``False`` returns the model unchanged instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.MultiheadAttention):
-        return SelfAttentionAdapter.from_torch(model, name="model")
+        return SelfAttentionAdapter.from_torch(model, name="model", share=True)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if strict and not targets and not any(isinstance(m, MultiheadSelfAttention) for m in model.modules()):
+        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if "attention" in type(m).__name__.lower()]
+        raise ValueError(
+            f"convert_attention: {type(model).__name__} has no nn.MultiheadAttention to convert"
+            + (f"; its attention modules {others} are of a kind this version cannot convert" if others else "")
+            + " (convertible: nn.MultiheadAttention used as self-attention; pass strict=False to allow a no-op)"
+        )
     for n, m in targets:
         check_convertible(m, n)
     for n, m in targets:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SelfAttentionAdapter.from_torch(m, name=n))
+        setattr(parent, child, SelfAttentionAdapter.from_torch(m, name=n, share=True))
+    for m in model.modules():
+        # nn.TransformerEncoder's nested-tensor fast path reads attention internals and bypasses
+        # the layers' forward; keep it off for encoders whose attention was converted.
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(s, SelfAttentionAdapter) for s in m.modules()):
+            m.use_nested_tensor = False
     return model
 
 

@@ -102,7 +102,7 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False) 
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    module = convert_attention(module)
+    module = convert_attention(module, strict=False)
     _prepare_adapters(module)
     if use_converter:
         from backpack.custom_module.graph_utils import convert_module_to_backpack
