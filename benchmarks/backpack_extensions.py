@@ -25,8 +25,7 @@ from torch import nn
 
 import backpack_attention.extensions as bae
 from backpack_attention.backpack_ext import extend
-from backpack_attention.backpack_ext.models import PreLNTransformer
-from backpack_attention.models import VOCAB, addition_data
+from backpack_attention.models import VOCAB, addition_data, language_model
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="Encountered node that may break")
@@ -45,7 +44,7 @@ def problem(num_sequences: int, d_model: int, num_heads: int):
     torch.manual_seed(0)
     X, y = addition_data(num_sequences, seed=0)
     tokens = torch.cat([X, y[:, -1:]], dim=1)
-    model = PreLNTransformer(vocab=VOCAB, d_model=d_model, num_heads=num_heads, num_layers=2, causal=True)
+    model = language_model(vocab=VOCAB, d_model=d_model, num_heads=num_heads, num_layers=2, causal=True)
     model = extend(model, use_converter=True)
     return model, extend(nn.CrossEntropyLoss()), tokens[:, :-1], tokens[:, 1:]
 

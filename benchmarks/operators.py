@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import platform
 import statistics
 import time
@@ -30,41 +29,9 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from backpack_attention import MultiheadSelfAttention
 from backpack_attention._compat import CURVLINOPS_VERSION, curvlinops_operator
-from backpack_attention.models import TinyTransformer
+from backpack_attention.models import TinyTransformer, torch_twin
 from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
-
-
-class ClassesSecond(nn.Module):
-    """``[N, L, C] -> [N, C, L]`` for token-level ``nn.CrossEntropyLoss``."""
-
-    def forward(self, x):
-        return x.transpose(1, 2)
-
-
-class TorchAttention(nn.Module):
-    """``nn.MultiheadAttention`` (same weights) behind our module's call signature: the model a
-    curvlinops user has today, without backpack_attention."""
-
-    def __init__(self, attn: MultiheadSelfAttention):
-        super().__init__()
-        self.mha = attn.to_torch(batch_first=True)
-        self.causal = attn.causal
-
-    def forward(self, x):
-        L = x.shape[1]
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1) if self.causal else None
-        return self.mha(x, x, x, attn_mask=mask, need_weights=False, is_causal=self.causal)[0]
-
-
-def torch_twin(model):
-    """A copy of the benchmark model with ``nn.MultiheadAttention`` layers, and each layer's
-    attention parameters (in the order of ours: in_proj weight and bias, out_proj weight and bias)."""
-    twin = copy.deepcopy(model)
-    for block in twin[0].blocks:
-        block.attn = TorchAttention(block.attn)
-    return twin, [list(b.attn.mha.parameters()) for b in twin[0].blocks]
 
 
 @contextlib.contextmanager
@@ -81,12 +48,11 @@ def torch_math():
 
 def problem(L: int, N: int, d: int, heads: int, layers: int, vocab: int = 16):
     torch.manual_seed(0)
-    net = TinyTransformer(vocab=vocab, d_model=d, num_heads=heads, num_layers=layers, max_len=L,
-                          answer_only=False, norm="pre", dtype=torch.float32)
-    model = nn.Sequential(net, ClassesSecond()).eval()
+    model = TinyTransformer(vocab=vocab, d_model=d, num_heads=heads, num_layers=layers, max_len=L,
+                            readout="token", norm="pre", dtype=torch.float32).eval()  # logits [N, C, L]
     X = torch.randint(0, vocab, (N, L))
     y = torch.randint(0, vocab, (N, L))
-    params = [p for a in net.attention_layers() for p in a.parameters()]
+    params = [p for a in model.attention_layers() for p in a.parameters()]
     return model, nn.CrossEntropyLoss(), params, [(X, y)]
 
 
@@ -131,7 +97,10 @@ def eigsh_run(op, v0, k, tol, ctx=None):
 
 def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh=True):
     model, loss_func, params, data = problem(L, N, d, heads, layers)
-    twin, twin_layers = torch_twin(model)
+    # the model a curvlinops user has today: nn.MultiheadAttention with the same weights; each
+    # layer's parameters in the order of ours (in_proj weight and bias, out_proj weight and bias)
+    twin = torch_twin(model)
+    twin_layers = [list(a.parameters()) for a in twin.attention_layers()]
     twin_params = [p for ps in twin_layers for p in ps]
     (X, y), = data
     with torch.no_grad(), torch_math():  # the twin computes the same function
@@ -170,7 +139,7 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh
     row["hess_first"] = time.perf_counter() - t
     row["hess"], row["r_hess"] = median_time(lambda: H @ v, repeats, gradient)
     if do_eigsh:
-        layers = [list(a.parameters()) for a in model[0].attention_layers()]
+        layers = [list(a.parameters()) for a in model.attention_layers()]
         sets = [(f"layer {i + 1} (whole layer)", ps, tp) for i, (ps, tp) in enumerate(zip(layers, twin_layers))]
         sets.append(("all attention layers", params, twin_params))
         row["eig"] = []

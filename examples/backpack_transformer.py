@@ -23,8 +23,7 @@ from torch import nn
 
 import backpack_attention.extensions as bae
 from backpack_attention.backpack_ext import extend
-from backpack_attention.backpack_ext.models import PreLNTransformer
-from backpack_attention.models import VOCAB, addition_data
+from backpack_attention.models import VOCAB, addition_data, language_model
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="Encountered node that may break")
@@ -55,7 +54,7 @@ def kfac_direction(p: torch.Tensor, damping: float) -> torch.Tensor:
 def main():
     torch.manual_seed(0)
     X, Y = data()
-    model = PreLNTransformer(vocab=VOCAB, d_model=24, num_heads=4, num_layers=2, causal=True)
+    model = language_model(vocab=VOCAB, d_model=24, num_heads=4, num_layers=2, causal=True)  # TinyTransformer preset
     model = extend(model, use_converter=True)  # residual adds -> SumModule, permute -> Permute
     loss_func = extend(nn.CrossEntropyLoss())
     params = dict(model.named_parameters())

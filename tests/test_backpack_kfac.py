@@ -29,14 +29,12 @@ from torch import nn
 
 import backpack_attention.extensions as E
 from backpack_attention.backpack_ext import extend
-from backpack_attention.backpack_ext.models import PreLNTransformer
+from backpack_attention.models import TinyTransformer
 from backpack_attention.module import MultiheadSelfAttention
+from cases import C, D, DT, lm_problem
 
 # BackPACK's converter warns about the mask buffers (get_attr nodes); they carry no gradient
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered node that may break:UserWarning")
-
-DT = torch.float64
-N, L, C, D, HEADS, MLP = 3, 4, 5, 8, 2, 12
 
 
 class LinearProjAttention(nn.Module):
@@ -75,7 +73,7 @@ class OneHotEmbedding(nn.Module):
         return self.lin(X)  # X is one-hot [N, L, C]
 
 
-def twin(model: PreLNTransformer) -> PreLNTransformer:
+def twin(model: TinyTransformer) -> TinyTransformer:
     """The same network with curvlinops-visible layers only (shares nothing with ``model``)."""
     t = copy.deepcopy(model)
     t.embed = OneHotEmbedding(model.embed)
@@ -105,14 +103,7 @@ def kron_blocks(params_bp, twin_model, savefield):
 
 
 def setup(causal=True, seed=0, readout="token"):
-    torch.manual_seed(seed)
-    model = PreLNTransformer(C, D, HEADS, 2, MLP, causal=causal, dtype=DT, seq_len=L, readout=readout)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    X = torch.randint(0, C, (N, L))
-    y = torch.randint(0, C, (N, L) if readout == "token" else (N,))
-    return model, X, y
+    return lm_problem(causal, seed, readout)
 
 
 def backpack_factors(model, X, y, ext):
@@ -157,7 +148,7 @@ def test_kflr_token_level_top_layers_match_curvlinops():
         k = block.shape[0]
         ref = dense[i:i + k, i:i + k]
         i += k
-        if name.startswith(("head.", "blocks.1.mlp.", "blocks.1.attn.out_proj.")):
+        if name.startswith(("unembed.", "blocks.1.mlp.", "blocks.1.attn.out_proj.")):
             assert ((block - ref).norm() / ref.norm()) < 1e-10, name
             compared += 1
     assert compared == 8

@@ -1,8 +1,8 @@
 """BackPACK extensions on a 2-layer pre-LN transformer, against independent references.
 
-The model under test (``backpack_attention.backpack_ext.models.PreLNTransformer``, extended
-with ``use_converter=True``) is compared with the same network built from
-``nn.MultiheadAttention`` and differentiated by ``torch.func`` under the math SDPA kernel:
+The model under test (``backpack_attention.models.language_model``, extended with
+``use_converter=True``) is compared with the same network built from ``nn.MultiheadAttention``
+(``backpack_attention.models.torch_twin``) and differentiated by ``torch.func`` under the math SDPA kernel:
 per-sample gradients (``jacrev`` of the per-sample losses), exact GGN (``jacrev`` + loss
 Hessian) and exact Hessian diagonals (``torch.func.hessian``). float64 throughout.
 """
@@ -22,19 +22,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import backpack_attention.extensions as E
 from backpack_attention.backpack_ext import extend
-from backpack_attention.backpack_ext.models import PreLNTransformer
+from backpack_attention.models import torch_twin
+from cases import C, D, DT, MLP, L, N, lm_problem
 
 # BackPACK's converter warns about the mask buffers (get_attr nodes); they carry no gradient
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered node that may break:UserWarning")
 
-DT = torch.float64
-N, L, C, D, HEADS, MLP = 3, 4, 5, 8, 2, 12
 RTOL = 1e-10
 
 
 def canonical(name: str) -> str:
     """Parameter name shared by the reference and the BackPACK model."""
-    return (name.replace("attn.attention.", "attn.")
+    return (name.replace("attn.mha.", "attn.").replace("attn.attention.", "attn.")
             .replace("attn.out_proj.weight", "attn.out_proj_weight")
             .replace("attn.out_proj.bias", "attn.out_proj_bias"))
 
@@ -47,15 +46,11 @@ class Problem:
     """Reference model (``nn.MultiheadAttention``), data, and all reference quantities."""
 
     def __init__(self, causal: bool, padding: bool, seed: int = 0, d: int = D, mlp: int = MLP):
-        torch.manual_seed(seed)
         self.d, self.mlp = d, mlp
-        self.ref = PreLNTransformer(C, d, HEADS, 2, mlp, causal=causal, attention="torch", seq_len=L, dtype=DT)
-        with torch.no_grad():  # non-trivial LayerNorm affine parameters and biases
-            for p in self.ref.parameters():
-                p.add_(0.3 * torch.randn_like(p))
+        # non-trivial LayerNorm affine parameters and biases
+        self.model, self.X, self.y = lm_problem(causal, seed, d=d, mlp=mlp)
+        self.ref = torch_twin(self.model, seq_len=L)  # fixed length: BackPACK's converter needs mask buffers
         self.causal = causal
-        self.X = torch.randint(0, C, (N, L))
-        self.y = torch.randint(0, C, (N, L))
         self.kpm = None
         if padding:
             self.kpm = torch.zeros(N, L, dtype=torch.bool)
@@ -66,11 +61,7 @@ class Problem:
         self._cache = {}
 
     def backpack_model(self, attention: str):
-        if attention == "torch":
-            model = copy.deepcopy(self.ref)
-        else:
-            model = PreLNTransformer(C, self.d, HEADS, 2, self.mlp, causal=self.causal, attention="ours", dtype=DT)
-            model.load_from_torch_attention(self.ref)
+        model = copy.deepcopy(self.ref if attention == "torch" else self.model)
         return extend(model, use_converter=True)
 
     def run(self, attention: str, *exts):

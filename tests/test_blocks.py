@@ -89,7 +89,7 @@ def test_last_layer_cross_entropy_with_readout(H, mask, reduction):
 def test_two_layer_transformer_middle_and_last_layer(layer, attention, norm):
     torch.manual_seed(layer + 7)
     model = TinyTransformer(vocab=5, d_model=4, num_heads=2, num_layers=2, d_mlp=6, max_len=6,
-                            attention=attention, norm=norm, activation="gelu", answer_only=False, dtype=DT)
+                            attention=attention, norm=norm, activation="gelu", readout="logits", dtype=DT)
     randomize(model, 0.6)
     model.readout = nn.Identity()
 

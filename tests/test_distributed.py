@@ -10,13 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from backpack_attention.models import TinyTransformer, addition_data
+from backpack_attention.models import addition_data
 from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
+from cases import addition_model
 
 
 def _problem():
-    torch.manual_seed(0)
-    model = TinyTransformer(d_model=8, num_heads=2, num_layers=2, d_mlp=16, dtype=torch.float64)
+    model = addition_model(seed=0)
     X, y = addition_data(7, seed=5)
     batches = [(X[:3], y[:3]), (X[3:5], y[3:5]), (X[5:], y[5:])]
     params = [p for a in model.attention_layers() for p in a.parameters()]

@@ -18,8 +18,9 @@ from backpack_attention._compat import (
     hutchinson_trace,
     xtrace,
 )
-from backpack_attention.models import TinyTransformer, addition_data
+from backpack_attention.models import addition_data
 from backpack_attention.operators import PARTS, AttentionGGNLinearOperator, AttentionHessianLinearOperator
+from cases import addition_model
 from reference import rel_error
 
 DT = torch.float64
@@ -83,13 +84,8 @@ class SharedNet(nn.Module):
 
 
 def _tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = TinyTransformer(d_model=8, num_heads=2, num_layers=2, d_mlp=16, norm="pre", dtype=DT, **kw)
-    with torch.no_grad():  # non-trivial LayerNorm affine params and biases
-        for n, p in model.named_parameters():
-            if "ln" in n or "bias" in n:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    # non-trivial LayerNorm affine params and biases
+    return addition_model(seed, norm="pre", perturb_scale=0.3, **kw)
 
 
 def _problem(name):
@@ -245,8 +241,9 @@ def test_bad_inputs_raise_before_work():
         def __iter__(self):
             raise AssertionError("data was touched")
 
-    with pytest.raises(ValueError, match="unembed.weight"):
-        AttentionGGNLinearOperator(model, loss_func, [ps[0], model.unembed.weight], Exploding())
+    stranger = nn.Parameter(torch.zeros(3, 2, dtype=DT))
+    with pytest.raises(ValueError, match=r"params\[1\] \(a tensor of shape \[3, 2\]\) is not a parameter of the model"):
+        AttentionGGNLinearOperator(model, loss_func, [ps[0], stranger], Exploding())
     with pytest.raises(ValueError, match="params is empty"):
         AttentionGGNLinearOperator(model, loss_func, [], Exploding())
     with pytest.raises(ValueError, match="part must be one of"):
@@ -263,13 +260,31 @@ def test_bad_inputs_raise_before_work():
         AttentionGGNLinearOperator(fmodel, floss, _attn_params(fmodel), bad)
 
 
-def test_check_deterministic_catches_dropout():
+class _Noisy(nn.Module):
+    """A random forward that is not a dropout module (only the determinism check can see it)."""
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x)
+
+
+def test_check_deterministic_catches_random_forward():
     torch.manual_seed(0)
-    model = nn.Sequential(FloatNet(), nn.Dropout(0.5)).train()
+    model = nn.Sequential(FloatNet(), _Noisy())
     X = torch.randn(4, 5, 8, dtype=DT)
     data = [(X, torch.randn(4, 5, 2, dtype=DT))]
     with pytest.raises(RuntimeError, match="deterministic"):
         AttentionGGNLinearOperator(model, nn.MSELoss(), _attn_params(model), data)
+
+
+def test_active_dropout_is_named_before_any_work():
+    model = nn.Sequential(FloatNet(), nn.Dropout(0.5)).train()
+
+    class Exploding:
+        def __iter__(self):
+            raise AssertionError("data was touched")
+
+    with pytest.raises(ValueError, match=r"dropout modules \['1'\] are active"):
+        AttentionGGNLinearOperator(model, nn.MSELoss(), _attn_params(model), Exploding())
 
 
 def test_linear_attention_no_bias_and_converted_mha():
