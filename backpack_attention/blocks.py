@@ -9,7 +9,8 @@ the model's parameters do not change them.
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from backpack_attention.derivatives.factors import (
     output_terms,
 )
 from backpack_attention.derivatives.forward import AttentionParams
-from backpack_attention.derivatives.loss import batch_weight, check_loss
+from backpack_attention.derivatives.loss import batch_weight, check_loss, mean_denominator
 from backpack_attention.checks import check_no_randomness, check_precision
 from backpack_attention.layout import augment
 from backpack_attention.module import as_attention, call_arguments
@@ -34,7 +35,7 @@ __all__ = ["attention_factors", "hessian_blocks"]
 
 
 def _as_batches(data):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (Tensor, Mapping)):
         return [tuple(data)]
     try:
         batches = list(data)
@@ -78,7 +79,7 @@ class _LayerProbe:
 
 
 def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_data: Optional[int] = None,
-                      progressbar: bool = False) -> AttentionFactors:
+                      progressbar: bool = False, batch_size_fn: Optional[Callable] = None) -> AttentionFactors:
     """Per-token factors of ``module``'s Hessian blocks in the network ``model_func`` (docs/math.md, sections 4 and 5).
 
     Args:
@@ -88,7 +89,11 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
             ``model_func`` calls exactly once per forward pass.
         data: an iterable of ``(X, y)`` batches (or one ``(X, y)`` tuple). All batches must have the
             same sequence length.
-        num_data: total number of sequences (default: summed over ``data``).
+        num_data: total number of sequences. Default: batches are weighted by their share of the
+            targets the loss counts (see :mod:`backpack_attention.derivatives.loss`); given: by
+            ``batch_size / num_data`` as curvlinops does.
+        batch_size_fn: batch size of an ``X`` that is not a tensor (e.g. a dict of tensors, as the
+            operators and curvlinops accept), e.g. ``lambda X: X["input_ids"].shape[0]``.
         progressbar: show a tqdm progress bar over the batches.
 
     Returns:
@@ -103,11 +108,29 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
             raise ValueError("module is not a submodule of model_func")
         check_no_randomness(model_func)
     batches = _as_batches(data)
+
+    def size(X) -> int:
+        if batch_size_fn is not None:
+            return batch_size_fn(X)
+        if not isinstance(X, Tensor):
+            raise ValueError(f"data yields X of type {type(X).__name__}: pass batch_size_fn (as for the operators)")
+        return X.shape[0]
+
     for X, y in batches:
         for name, t in (("X", X), ("y", y)):
             if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"data: {name} contains non-finite values (nan or inf)")
-    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
+    # Batch weights: shares of the mean's denominator over all data (counted targets), or
+    # curvlinops' batch_size / num_data with an explicit num_data (derivatives/loss.py).
+    if num_data is None:
+        dens = [mean_denominator(loss_func, size(X), y) for X, y in batches]
+        den_total = sum(dens)
+        if den_total <= 0 and loss_func.reduction == "mean":
+            raise ValueError("data: no target is counted by loss_func (all are ignore_index?)")
+        if loss_func.reduction == "mean":  # batches that count no target contribute nothing (0/0)
+            batches, dens = [b for b, d in zip(batches, dens) if d > 0], [d for d in dens if d > 0]
+    else:
+        dens, den_total = [size(X) for X, _ in batches], num_data
     probe = _LayerProbe(m)
     w_terms = m.layout.head_weights(*AttentionParams.of(m))
     # First pass: validate every batch before any curvature work.
@@ -127,7 +150,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
 
     parts = {k: [] for k in ("X", "mom", "r", "Lam", "Lex")}
     separable = None
-    for X, y in tqdm(batches, desc="attention factors", unit="batch", disable=not progressbar):
+    for (X, y), den in zip(tqdm(batches, desc="attention factors", unit="batch", disable=not progressbar), dens):
         out0 = probe.run(model_func, X)
         (args, F0) = probe.calls[0]
         x = args[0].detach()
@@ -136,7 +159,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
         is_output = out0 is F0
         F0 = F0.detach()
         out0 = F0 if is_output else out0.detach()
-        w = batch_weight(loss_func, X.shape[0], N_total)
+        w = batch_weight(loss_func, den, den_total)
         with torch.no_grad():  # torch.func transforms still differentiate; no graph on the parameters
             r, Lam, sep, Lex = output_terms(lambda f: probe.run(model_func, X, replacement=f), loss_func, y, F0, out0, w)
         if separable is None:
@@ -160,7 +183,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
 
 
 def hessian_blocks(model_func, loss_func, module, data, *, num_data: Optional[int] = None,
-                   progressbar: bool = False) -> HessianBlocks:
+                   progressbar: bool = False, batch_size_fn: Optional[Callable] = None) -> HessianBlocks:
     """Closed-form Hessian blocks of ``module`` in ``model_func`` (see :func:`attention_factors`).
 
     Returns a :class:`~backpack_attention.derivatives.blocks.HessianBlocks`, a read-only, lazy
@@ -170,4 +193,4 @@ def hessian_blocks(model_func, loss_func, module, data, *, num_data: Optional[in
     model at the time of the call.
     """
     return HessianBlocks(attention_factors(model_func, loss_func, module, data, num_data=num_data,
-                                           progressbar=progressbar))
+                                           progressbar=progressbar, batch_size_fn=batch_size_fn))

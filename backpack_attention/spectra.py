@@ -5,13 +5,13 @@
 parameters (its per-batch cache is shared by all blocks, heads and parts of the layer) and takes
 ``SubmatrixLinearOperator`` views of the blocks given by :func:`~backpack_attention.param_index`.
 Eigenvalues come from a dense eigendecomposition for small blocks and from ``scipy.sparse.linalg.eigsh``
-(implicitly restarted Lanczos, fully re-orthogonalised) otherwise. :func:`plot_block_spectra`
-draws them; :func:`report_section` packages both for ``backpack-attention report``.
+(implicitly restarted Lanczos, fully re-orthogonalised) otherwise. :func:`format_table` and
+:func:`plot_block_spectra` turn its rows into a Markdown table and a figure. The report section
+that packages them is :mod:`backpack_attention.report.sections.spectra` (application code).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -183,69 +183,3 @@ def plot_block_spectra(rows: List[Dict], path: Optional[str] = None, title: Opti
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
-
-
-FIGURE_NAME = "attention_block_spectra.png"
-
-
-def report_section(context) -> Dict:
-    """Markdown and figure for the "attention curvature spectra" section of ``backpack-attention report``.
-
-    Args:
-        context: either a dict or a ``backpack_attention.report.ReportContext``.
-
-            * dict keys: ``model``, ``loss_func``, ``data`` (required; as for
-              :func:`attention_block_eigenvalues`), ``out_dir`` (directory for the figure, created if
-              needed; ``None``/absent = do not save), and optional ``k`` (default 5), ``layers``,
-              ``blocks`` (default Q, K, V, O), ``per_head`` (default ``False``, to keep the table
-              short), ``parts``, ``which`` (default ``("LA", "SA")``), ``operator_kwargs`` (dict for
-              the operator, e.g. ``{"check_deterministic": False}``).
-            * a ``ReportContext`` (attributes ``model``, ``loss_func``, ``data``): the defaults above.
-              No figure is saved; use the returned ``draw``.
-
-    Returns:
-        A dict with ``markdown`` (str: intro, figure link, table), ``figures`` (list of saved paths),
-        ``figure_name`` (``"attention_block_spectra.png"``), ``draw`` (a function returning the
-        matplotlib figure, e.g. for the report's ``Figure(name, caption, draw)``) and ``rows``.
-
-    To register it as a report section (in a section module)::
-
-        @register_section("spectra", "Attention block spectra", order=60)
-        def spectra(ctx):
-            sec = report_section(ctx)
-            return SectionResult(sec["markdown"], [Figure(sec["figure_name"], "extreme eigenvalues", sec["draw"])])
-    """
-    if not isinstance(context, dict):
-        context = {"model": context.model, "loss_func": context.loss_func, "data": context.data}
-    missing = [key for key in ("model", "loss_func", "data") if key not in context]
-    if missing:
-        raise ValueError(f"context is missing {missing}; required keys: model, loss_func, data (and out_dir to save)")
-    rows = attention_block_eigenvalues(
-        context["model"], context["loss_func"], context["data"], context.get("k", 5),
-        layers=context.get("layers"), blocks=context.get("blocks", DEFAULT_BLOCKS),
-        per_head=context.get("per_head", False), parts=context.get("parts", PARTS),
-        which=context.get("which", ("LA", "SA")), progress=False, **context.get("operator_kwargs", {}),
-    )
-
-    def draw():
-        return plot_block_spectra(rows, title="Attention curvature blocks: extreme eigenvalues")
-
-    figures = []
-    if context.get("out_dir") is not None:
-        os.makedirs(context["out_dir"], exist_ok=True)
-        path = os.path.join(context["out_dir"], FIGURE_NAME)
-        fig = draw()
-        fig.savefig(path, dpi=120)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        figures.append(path)
-    md = (
-        "Extreme eigenvalues (largest `LA`, smallest `SA`) of each attention layer's Q, K, V and O blocks, "
-        "for the outer-product part (GGN), the functional part (Hessian − GGN) and the full Hessian, "
-        "computed matrix-free with `AttentionHessianLinearOperator` (dense for small blocks, `eigsh` "
-        "otherwise). The functional (V, V) and (W_O, W_O) blocks are exactly zero.\n\n"
-        + (f"![attention block spectra]({FIGURE_NAME})\n\n" if figures else "")
-        + format_table(rows) + "\n"
-    )
-    return {"markdown": md, "figures": figures, "figure_name": FIGURE_NAME, "draw": draw, "rows": rows}

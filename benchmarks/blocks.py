@@ -90,7 +90,7 @@ def reference_functions(module: MultiheadSelfAttention, loss_func, dk: int):
     mha = module.to_torch(batch_first=True)
     base = {n: p.detach() for n, p in mha.named_parameters()}
     W_in = base["in_proj_weight"]
-    rows0 = W_in[:dk].clone()  # W_Q of head 0: rows 0..dk-1 of in_proj_weight (SPEC §5.3)
+    rows0 = W_in[:dk].clone()  # W_Q of head 0: rows 0..dk-1 of in_proj_weight (docs/math.md §5.3)
 
     def out_of(rows, X):
         params = dict(base)

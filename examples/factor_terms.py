@@ -1,4 +1,4 @@
-"""Hessian blocks from their data, weight, moment and loss terms (SPEC §4–5), by hand.
+"""Hessian blocks from their data, weight, moment and loss terms (docs/math.md §4–5), by hand.
 
 `attention_factors` returns the ingredients of every closed-form block: data (tokens with a ones
 column), weights (per head, bias rows appended), attention moments (A, mu_i, Sigma_i,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backpack_attention.heterogeneity import heterogeneity_at_init, plot_sweeps, scale_sweep
+from backpack_attention.report.heterogeneity import heterogeneity_at_init, plot_sweeps, scale_sweep
 
 
 def main(argv=None):

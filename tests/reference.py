@@ -7,13 +7,37 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def rel_error(a, b, scale=None) -> float:
-    """Relative error of ``a`` w.r.t. ``b`` (or w.r.t. ``scale`` where ``b`` may be exactly 0)."""
-    return ((a - b).norm() / (b.norm() if scale is None else scale)).item()
+def rel_error(a, b, scale=None, norm: str = "fro") -> float:
+    """Relative error of ``a`` w.r.t. ``b`` (or w.r.t. ``scale`` where ``b`` may be exactly 0).
+
+    ``norm="fro"`` (Frobenius) or ``"max"`` (largest absolute entry); a zero ``b`` counts as 1e-300.
+    """
+    size = (lambda t: t.norm()) if norm == "fro" else (lambda t: t.abs().max())
+    ref = size(b) if scale is None else torch.as_tensor(scale)
+    return (size(a - b) / ref.clamp_min(1e-300)).item()
+
+
+def batch_weights(loss_func, batches, num_data=None):
+    """Weights of the batches' losses in the empirical risk (mean reduction: each batch's share of
+    the targets counted over all data; an explicit ``num_data``: curvlinops' ``N_b / num_data``)."""
+    if loss_func.reduction == "sum":
+        return [1.0] * len(batches)
+    if num_data is not None:
+        return [X.shape[0] / num_data for X, _ in batches]
+
+    def counted(y):
+        if isinstance(loss_func, torch.nn.CrossEntropyLoss) and not y.is_floating_point():
+            keep = y != loss_func.ignore_index
+            return float(keep.sum()) if loss_func.weight is None else float(loss_func.weight[y[keep]].sum())
+        return float(y.numel())
+
+    c = [counted(y) for _, y in batches]
+    return [ci / sum(c) for ci in c]
 
 
 def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
-    """``(H, GGN)`` of the empirical risk w.r.t. ``params`` (concatenated, row-major), curvlinops' weighting."""
+    """``(H, GGN)`` of the empirical risk w.r.t. ``params`` (concatenated, row-major) by ``torch.func``
+    (forward-over-reverse: wrong through ``layer_norm`` parameters in torch 2.13/2.14)."""
     names = []  # in the order of `params`
     for q in params:
         for n, p in model.named_parameters():
@@ -30,11 +54,9 @@ def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
         return ps
 
     flat0 = torch.cat([base[n].flatten() for n in names])
-    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
     H = G = 0
     with sdpa_kernel(SDPBackend.MATH):
-        for X, y in batches:
-            w = X.shape[0] / N_total if loss_func.reduction == "mean" else 1.0
+        for (X, y), w in zip(batches, batch_weights(loss_func, batches, num_data)):
             out_fn = lambda flat: functional_call(model, unflatten(flat), (X,))  # noqa: E731
             H = H + w * hessian(lambda flat: loss_func(out_fn(flat), y))(flat0)
             out0 = out_fn(flat0).detach()
@@ -64,11 +86,9 @@ def dense_hessian_double_backward(model, loss_func, params, batches, num_data=No
     """
     params = list(params)
     P = sum(p.numel() for p in params)
-    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
     H = torch.zeros(P, P, dtype=params[0].dtype)
     with sdpa_kernel(SDPBackend.MATH):
-        for X, y in batches:
-            w = X.shape[0] / N_total if loss_func.reduction == "mean" else 1.0
+        for (X, y), w in zip(batches, batch_weights(loss_func, batches, num_data)):
             loss = w * loss_func(model(X), y)
             g = torch.autograd.grad(loss, params, create_graph=True)
             flat = torch.cat([t.reshape(-1) for t in g])
@@ -84,7 +104,7 @@ def dense_hessian_double_backward(model, loss_func, params, batches, num_data=No
 
 def dense_ggn(model, loss_func, params, batches, num_data=None):
     """GGN ``sum_n J_n^T Lambda_n J_n`` by reverse mode only (``jacrev``; right through LayerNorm)."""
-    _, G = None, 0
+    G = 0
     names = []
     for q in params:
         names.extend(n for n, p in model.named_parameters() if p is q)
@@ -99,10 +119,8 @@ def dense_ggn(model, loss_func, params, batches, num_data=None):
         return ps
 
     flat0 = torch.cat([base[n].flatten() for n in names])
-    N_total = sum(X.shape[0] for X, _ in batches) if num_data is None else num_data
     with sdpa_kernel(SDPBackend.MATH):
-        for X, y in batches:
-            w = X.shape[0] / N_total if loss_func.reduction == "mean" else 1.0
+        for (X, y), w in zip(batches, batch_weights(loss_func, batches, num_data)):
             out_fn = lambda flat: functional_call(model, unflatten(flat), (X,))  # noqa: E731
             out0 = out_fn(flat0).detach()
             J = jacrev(out_fn)(flat0).reshape(out0.numel(), -1)

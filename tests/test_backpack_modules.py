@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from reference import split_flat
+from reference import rel_error, split_flat
 from backpack import backpack
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
@@ -148,10 +148,6 @@ class Problem:
         return self.split(torch.stack(diags))
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
-
-
 @pytest.fixture(params=list(CASES), scope="module")
 def problem(request):
     return Problem(**CASES[request.param])
@@ -164,11 +160,11 @@ def test_first_order_and_ggn(problem):
     diag, diag_b = P.split(G.sum(0).diagonal()), P.split(torch.diagonal(G, dim1=1, dim2=2))
     assert set(P.names) == {n for n, p in params.items()}
     for n in P.names:
-        assert rel_err(params[n].grad_batch, gb[n]) < RTOL, n
-        assert rel_err(params[n].diag_ggn_exact, diag[n]) < RTOL, n
-        assert rel_err(params[n].diag_ggn_exact_batch, diag_b[n]) < RTOL, n
+        assert rel_error(params[n].grad_batch, gb[n]) < RTOL, n
+        assert rel_error(params[n].diag_ggn_exact, diag[n]) < RTOL, n
+        assert rel_error(params[n].diag_ggn_exact_batch, diag_b[n]) < RTOL, n
     S = torch.cat([params[n].sqrt_ggn_exact.flatten(2) for n in P.names], -1)
-    assert rel_err(torch.einsum("vnp,vnq->pq", S, S), G.sum(0)) < RTOL
+    assert rel_error(torch.einsum("vnp,vnq->pq", S, S), G.sum(0)) < RTOL
 
 
 def test_diag_hessian(problem):
@@ -176,8 +172,8 @@ def test_diag_hessian(problem):
     params = P.run(E.DiagHessian(), E.BatchDiagHessian())
     Hb = P.hessian_diag_batch()
     for n in P.names:
-        assert rel_err(params[n].diag_h_batch, Hb[n]) < RTOL, n
-        assert rel_err(params[n].diag_h, Hb[n].sum(0)) < RTOL, n
+        assert rel_error(params[n].diag_h_batch, Hb[n]) < RTOL, n
+        assert rel_error(params[n].diag_h, Hb[n].sum(0)) < RTOL, n
 
 
 def test_subsampling(problem):
@@ -187,9 +183,9 @@ def test_subsampling(problem):
     gb, G = P.grad_batch(), P.ggn()
     S = torch.cat([params[n].sqrt_ggn_exact.flatten(2) for n in P.names], -1)
     assert S.shape[1] == len(sub)
-    assert rel_err(torch.einsum("vnp,vnq->pq", S, S), G[sub].sum(0)) < RTOL
+    assert rel_error(torch.einsum("vnp,vnq->pq", S, S), G[sub].sum(0)) < RTOL
     for n in P.names:
-        assert rel_err(params[n].grad_batch, gb[n][sub]) < RTOL, n
+        assert rel_error(params[n].grad_batch, gb[n][sub]) < RTOL, n
 
 
 def test_kflr_input_factors(problem):
@@ -201,7 +197,7 @@ def test_kflr_input_factors(problem):
     attn = params["attn.in_proj_weight"].kflr
     assert len(attn) == 2 and attn[0].shape == (3 * D, 3 * D)
     A = torch.einsum("nli,nlj->ij", x, x) / (N * L)
-    assert rel_err(attn[1], A) < 1e-12
+    assert rel_error(attn[1], A) < 1e-12
     # weight and bias of the in-projection share the gradient factor
     if "attn.in_proj_bias" in params:
         (G_in,) = params["attn.in_proj_bias"].kflr

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from reference import split_flat
+from reference import rel_error, split_flat
 import torch.nn.functional as F
 from backpack import backpack
 from torch import nn
@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import backpack_attention.extensions as E
 from backpack_attention.backpack_ext import extend
 from backpack_attention.models import torch_twin
-from cases import C, D, DT, MLP, L, N, lm_problem
+from cases import C, D, MLP, L, N, lm_problem
 
 # BackPACK's converter warns about the mask buffers (get_attr nodes); they carry no gradient
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered node that may break:UserWarning")
@@ -36,10 +36,6 @@ def canonical(name: str) -> str:
     return (name.replace("attn.mha.", "attn.").replace("attn.attention.", "attn.")
             .replace("attn.out_proj.weight", "attn.out_proj_weight")
             .replace("attn.out_proj.bias", "attn.out_proj_bias"))
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
 
 
 class Problem:
@@ -148,13 +144,13 @@ def test_first_order(causal, padding, attention):
     gb = P.grad_batch()
     for n in P.names:
         p, g = params[n], gb[n]
-        assert rel_err(p.grad_batch, g) < RTOL, n
-        assert rel_err(p.batch_l2, (g**2).flatten(1).sum(1)) < RTOL, n
-        assert rel_err(p.sum_grad_squared, (g**2).sum(0)) < RTOL, n
+        assert rel_error(p.grad_batch, g) < RTOL, n
+        assert rel_error(p.batch_l2, (g**2).flatten(1).sum(1)) < RTOL, n
+        assert rel_error(p.sum_grad_squared, (g**2).sum(0)) < RTOL, n
         # BackPACK's definition: mean_n g_n^2 - (mean_n g_n)^2 of the (1/N-scaled) g_n
         var = g.pow(2).mean(0) - g.mean(0).pow(2)
         assert torch.allclose(p.variance, var, rtol=1e-8, atol=1e-14), n
-        assert rel_err(p.grad, g.sum(0)) < RTOL, n
+        assert rel_error(p.grad, g.sum(0)) < RTOL, n
 
 
 @pytest.mark.parametrize("attention", ["ours", "torch"])
@@ -169,8 +165,8 @@ def test_diag_ggn_exact(causal, padding, attention):
         if n.endswith("in_proj_bias"):
             # the key bias has exactly zero curvature (softmax shift invariance)
             assert params[n].diag_ggn_exact[P.d:2 * P.d].abs().max() < 1e-12
-        assert rel_err(params[n].diag_ggn_exact, diag[n]) < RTOL, n
-        assert rel_err(params[n].diag_ggn_exact_batch, diag_batch[n]) < RTOL, n
+        assert rel_error(params[n].diag_ggn_exact, diag[n]) < RTOL, n
+        assert rel_error(params[n].diag_ggn_exact_batch, diag_batch[n]) < RTOL, n
 
 
 @pytest.mark.parametrize("causal,padding", SETTINGS, ids=IDS)
@@ -179,7 +175,7 @@ def test_sqrt_ggn_exact(causal, padding):
     params = P.run("ours", E.SqrtGGNExact())
     S = torch.cat([params[n].sqrt_ggn_exact.flatten(2) for n in P.names], dim=-1)  # [V, N, P]
     G = torch.einsum("vnp,vnq->pq", S, S)
-    assert rel_err(G, P.ggn().sum(0)) < RTOL
+    assert rel_error(G, P.ggn().sum(0)) < RTOL
 
 
 def test_mc_extensions_statistics():
@@ -196,9 +192,9 @@ def test_mc_extensions_statistics():
     mc_b = torch.cat([params[n].diag_ggn_mc_batch.flatten(1) for n in P.names], 1)
     S = torch.cat([params[n].sqrt_ggn_mc.flatten(2) for n in P.names], -1)
     # ~2-3% expected at 1500 samples (10 samples give ~25%)
-    assert rel_err(mc, exact) < 0.06
-    assert rel_err(mc_b, exact_b) < 0.06
-    assert rel_err(torch.einsum("vnp,vnq->pq", S, S), G.sum(0)) < 0.1
+    assert rel_error(mc, exact) < 0.06
+    assert rel_error(mc_b, exact_b) < 0.06
+    assert rel_error(torch.einsum("vnp,vnq->pq", S, S), G.sum(0)) < 0.1
 
 
 @pytest.mark.parametrize("causal,padding", [(True, False), (True, True)], ids=["causal", "causal+padding"])
@@ -208,11 +204,11 @@ def test_diag_hessian(causal, padding):
     Hb = P.hessian_diag_batch()
     H = {n: h.sum(0) for n, h in Hb.items()}
     for n in P.names:
-        assert rel_err(params[n].diag_h, H[n]) < RTOL, n
-        assert rel_err(params[n].diag_h_batch, Hb[n]) < RTOL, n
+        assert rel_error(params[n].diag_h, H[n]) < RTOL, n
+        assert rel_error(params[n].diag_h_batch, Hb[n]) < RTOL, n
     # the Hessian differs from the GGN here (the residual terms matter)
     G = P.split(P.ggn().sum(0).diagonal())
-    assert max(rel_err(H[n], G[n]) for n in P.names) > 1e-3
+    assert max(rel_error(H[n], G[n]) for n in P.names) > 1e-3
 
 
 @pytest.mark.slow
@@ -221,7 +217,7 @@ def test_diag_hessian_full_attention_torch_adapter():
     params = P.run("torch", E.DiagHessian())
     Hb = P.hessian_diag_batch()
     for n in P.names:
-        assert rel_err(params[n].diag_h, Hb[n].sum(0)) < RTOL, n
+        assert rel_error(params[n].diag_h, Hb[n].sum(0)) < RTOL, n
 
 
 def test_kflr_layernorm_blocks_are_exact_ggn_blocks():
@@ -237,4 +233,4 @@ def test_kflr_layernorm_blocks_are_exact_ggn_blocks():
         if ".ln" in n:
             (block,) = params[n].kflr
             a, b = offsets[n]
-            assert rel_err(block, G[a:b, a:b]) < RTOL, n
+            assert rel_error(block, G[a:b, a:b]) < RTOL, n

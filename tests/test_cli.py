@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backpack_attention import cli, report
+from backpack_attention import report
+from backpack_attention.report import cli
 from backpack_attention.models import default_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_help_is_informative(capsys):
 
 def test_console_script_default_run_in_fresh_process(tmp_path):
     """The default report in a fresh interpreter: succeeds and never imports torchvision."""
-    code = ("import sys; from backpack_attention.cli import main; rc = main(['report', '--no-progress']); "
+    code = ("import sys; from backpack_attention.report.cli import main; rc = main(['report', '--no-progress']); "
             "assert 'torchvision' not in sys.modules, 'torchvision was imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -219,3 +220,35 @@ def test_report_hessian_numbers_match_autodiff(tmp_path):
         assert full == pytest.approx(H[i][:, i].norm().item(), rel=1e-3)
         if name == "W_Q":
             assert functional == pytest.approx((H - G)[i][:, i].norm().item(), rel=1e-3)
+
+
+def test_framework_docstring_example_runs(tmp_path, monkeypatch, capsys):
+    """The "adding a section" example in backpack_attention.report.framework runs as printed."""
+    import textwrap
+
+    from backpack_attention.report import framework
+
+    doc = framework.__doc__
+    code = textwrap.dedent(doc.split("runs as printed", 1)[1].split("::\n", 1)[1].split("\n``draw``", 1)[0])
+    assert "register_section(" in code and "run_report(" in code
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code, "framework.__doc__", "exec"), {})
+    finally:
+        report.SECTIONS.pop("num_heads", None)
+    text = (tmp_path / "my-report" / "report.md").read_text()
+    assert "## Heads per attention layer" in text and "Heads per layer: [2]" in text
+    assert "Sections: 2 of 2 succeeded" in text
+    assert (tmp_path / "my-report" / "num_heads.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_python_dash_m_and_library_does_not_import_the_application():
+    """``python -m backpack_attention.report`` is the CLI; ``import backpack_attention`` does not load it."""
+    proc = subprocess.run([sys.executable, "-m", "backpack_attention.report", "report", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--sections" in proc.stdout
+    code = ("import sys, backpack_attention; "
+            "assert not [m for m in sys.modules if m.startswith('backpack_attention.report')], 'report imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

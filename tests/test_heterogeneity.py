@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from backpack_attention.heterogeneity import EXPECTED, scale_sweep
+from backpack_attention.report.heterogeneity import EXPECTED, scale_sweep
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])

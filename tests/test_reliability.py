@@ -129,3 +129,71 @@ def test_random_forward_is_refused():
 def test_integer_dtype_module_is_refused():
     with pytest.raises(TypeError, match="floating-point"):
         MultiheadSelfAttention(4, 2, dtype=torch.int64)
+
+
+class TokenNet(nn.Module):
+    """Token logits [N, C, L] for cross-entropy on sequences."""
+
+    def __init__(self, E=4, H=2, C=3):
+        super().__init__()
+        self.attn = MultiheadSelfAttention(E, H, causal=True, dtype=DT)
+        self.out = nn.Linear(E, C, dtype=DT)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.attn(x))).transpose(1, 2)
+
+
+def _ce_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(5, 4, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (5, 4), generator=g)
+    y[0, :3] = -100  # ignored targets, unevenly spread over the batches below
+    y[1, 1] = -100
+    y[3] = -100  # a sequence with no counted target
+    return X, y
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.2, 1.0, 3.0], dtype=DT)])
+@pytest.mark.parametrize("op_cls", [AttentionGGNLinearOperator, AttentionHessianLinearOperator])
+def test_splitting_the_data_does_not_change_the_curvature(op_cls, weight):
+    """ignore_index and class weights: batches are weighted by their counted targets (was N_b/N)."""
+    torch.manual_seed(0)
+    net, (X, y) = TokenNet(), _ce_data()
+    loss = nn.CrossEntropyLoss(weight=weight)
+    params = list(net.parameters())
+    whole = op_cls(net, loss, params, [(X, y)])
+    v = torch.randn(whole.shape[1], dtype=DT)
+    ref = whole @ v
+    for cuts in ([2], [1, 3], [3, 4]):  # [3:4] counts no target at all
+        edges = [0] + cuts + [5]
+        data = [(X[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        assert rel_error(op_cls(net, loss, params, data) @ v, ref) < 1e-12, cuts
+
+
+def test_splitting_the_data_does_not_change_the_blocks():
+    torch.manual_seed(1)
+    net, (X, y) = TokenNet(), _ce_data(1)
+    loss = nn.CrossEntropyLoss()
+    ref = ba.hessian_blocks(net, loss, net.attn, [(X, y)]).matrix("full")
+    split = ba.hessian_blocks(net, loss, net.attn, [(X[:2], y[:2]), (X[2:], y[2:])]).matrix("full")
+    assert rel_error(split, ref) < 1e-12
+
+
+class DictNet(TokenNet):
+    """Takes dict-like inputs, as HuggingFace models do."""
+
+    def forward(self, batch):
+        return super().forward(batch["x"])
+
+
+def test_blocks_and_factors_accept_dict_inputs_like_the_operators():
+    torch.manual_seed(2)
+    net, (X, y) = DictNet(), _ce_data(2)
+    loss = nn.CrossEntropyLoss()
+    data = [({"x": X[:2]}, y[:2]), ({"x": X[2:]}, y[2:])]
+    size = lambda b: b["x"].shape[0]  # noqa: E731
+    with pytest.raises(ValueError, match="batch_size_fn"):
+        ba.hessian_blocks(net, loss, net.attn, data)
+    blocks = ba.hessian_blocks(net, loss, net.attn, data, batch_size_fn=size).matrix("full")
+    op = AttentionHessianLinearOperator(net, loss, list(net.attn.parameters()), data, batch_size_fn=size)
+    assert rel_error(blocks, op @ torch.eye(op.shape[1], dtype=DT)) < 1e-10

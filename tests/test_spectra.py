@@ -12,7 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from backpack_attention import param_index
 from backpack_attention._compat import curvlinops_operator
 from backpack_attention.models import default_problem
-from backpack_attention.spectra import attention_block_eigenvalues, plot_block_spectra, report_section
+from backpack_attention.report.sections.spectra import report_section
+from backpack_attention.spectra import attention_block_eigenvalues, plot_block_spectra
 
 
 @pytest.fixture(scope="module")

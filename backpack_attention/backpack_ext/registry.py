@@ -22,7 +22,10 @@ from torch import nn
 
 from backpack_attention.backpack_ext import firstorder, ggn, hessian, kfac
 from backpack_attention.backpack_ext.base import Unsupported
-from backpack_attention.backpack_ext.derivatives import SequenceMSELossDerivatives
+from backpack_attention.backpack_ext.derivatives import (
+    IgnoreIndexCrossEntropyLossDerivatives,
+    SequenceMSELossDerivatives,
+)
 from backpack_attention.module import MultiheadSelfAttention
 
 
@@ -99,6 +102,11 @@ def _sequence_mse(loss_ext):
     return loss_ext
 
 
+def _masked_ce(loss_ext):
+    loss_ext.derivatives = IgnoreIndexCrossEntropyLossDerivatives()
+    return loss_ext
+
+
 def _register_diag_ggn(ext, sum_batch: bool) -> None:
     _set(ext, {
         MultiheadSelfAttention: ggn.DiagGGNMHSA(sum_batch=sum_batch),
@@ -107,6 +115,7 @@ def _register_diag_ggn(ext, sum_batch: bool) -> None:
         nn.GELU: ggn.DiagGGNGELU(),
         nn.Embedding: ggn.DiagGGNEmbedding(sum_batch=sum_batch),
         nn.MSELoss: _sequence_mse(diag_ggn_losses.DiagGGNMSELoss()),
+        nn.CrossEntropyLoss: _masked_ce(diag_ggn_losses.DiagGGNCrossEntropyLoss()),
     })
 
 
@@ -118,6 +127,7 @@ def _register_sqrt_ggn(ext) -> None:
         Permute: ggn.SqrtGGNPermute(),
         nn.Embedding: ggn.SqrtGGNEmbedding(),
         nn.MSELoss: _sequence_mse(sqrt_ggn_losses.SqrtGGNMSELoss()),
+        nn.CrossEntropyLoss: _masked_ce(sqrt_ggn_losses.SqrtGGNCrossEntropyLoss()),
     })
 
 
@@ -134,12 +144,14 @@ def _register_hbp(ext) -> None:
         nn.Embedding: kfac.HBPEmbedding(),
         Permute: kfac.HBPPermute(),
         nn.MSELoss: _sequence_mse(hbp_losses.HBPMSELoss()),
+        nn.CrossEntropyLoss: _masked_ce(hbp_losses.HBPCrossEntropyLoss()),
     })
 
 
 def _register_diag_hessian(ext, sum_batch: bool) -> None:
     stock = dict(ext._BackpropExtension__module_extensions)
     stock[nn.MSELoss] = _sequence_mse(diag_h_losses.DiagHMSELoss())
+    stock[nn.CrossEntropyLoss] = _masked_ce(diag_h_losses.DiagHCrossEntropyLoss())
     stock.update({
         MultiheadSelfAttention: hessian.DiagHMHSA(sum_batch=sum_batch),
         nn.LayerNorm: hessian.DiagHLayerNorm(sum_batch=sum_batch),

@@ -272,11 +272,3 @@ class HessianBlocks(Mapping):
         """The whole layer's ``[P, P]`` Hessian part in the module's parameter order (small layers)."""
         idx = torch.arange(self.layout.num_params)
         return self.block(idx, idx).part(part)
-
-
-def __getattr__(name):  # TEMPORARY during the refactor
-    if name == "hessian_blocks":
-        import backpack_attention
-
-        return backpack_attention.hessian_blocks
-    raise AttributeError(name)

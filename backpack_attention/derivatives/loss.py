@@ -3,8 +3,14 @@ r"""Loss-side terms: the output gradient :math:`\mathbf r` and curvature :math:`
 Supported losses are ``nn.MSELoss`` and ``nn.CrossEntropyLoss`` (``reduction`` ``"mean"`` or
 ``"sum"``; cross-entropy with ``ignore_index`` and ``label_smoothing``, without class
 ``weight``). Their second derivatives with respect to the model output are applied in closed
-form (:func:`loss_hessian_mp`). Batches follow curvlinops' convention: with ``"mean"``
-reduction each batch's loss is weighted by ``batch_size / num_data``.
+form (:func:`loss_hessian_mp`).
+
+Batches: with ``"mean"`` reduction, each batch's loss is weighted by its share of the mean's
+denominator over all data (:func:`mean_denominator`): the number of counted targets for
+cross-entropy (class weights summed when given, ``ignore_index`` targets not counted), the number
+of entries for MSE, the batch size otherwise. So splitting the same data into batches never
+changes the result. For equal-sized, fully counted batches this is curvlinops' ``batch_size /
+num_data``; an explicit ``num_data`` selects that convention.
 """
 
 from __future__ import annotations
@@ -27,9 +33,31 @@ def check_loss(loss_func) -> None:
         raise NotImplementedError("nn.CrossEntropyLoss with class weights is not supported (use weight=None)")
 
 
-def batch_weight(loss_func, batch_size: int, num_data: int) -> float:
-    """Weight of one batch in the empirical risk: ``batch_size / num_data`` for mean reduction, else 1."""
+def batch_weight(loss_func, batch_size: float, num_data: float) -> float:
+    """Weight of one batch in the empirical risk: ``batch_size / num_data`` for mean reduction, else 1.
+
+    ``batch_size`` and ``num_data`` may be :func:`mean_denominator` s of the batch and of all data.
+    """
     return batch_size / num_data if loss_func.reduction == "mean" else 1.0
+
+
+def mean_denominator(loss_func, batch_size: int, y) -> float:
+    """What ``loss_func`` with ``reduction="mean"`` divides one batch's summed loss by.
+
+    Cross-entropy with class-index targets: the number of targets that are not ``ignore_index``
+    (their class weights summed, with ``weight``); with class-probability targets: the number of
+    positions. MSE: the number of entries. Any other loss: ``batch_size``.
+    """
+    if isinstance(loss_func, nn.CrossEntropyLoss) and isinstance(y, Tensor):
+        if not y.is_floating_point():
+            valid = y != loss_func.ignore_index
+            if loss_func.weight is None:
+                return float(valid.sum())
+            return float(loss_func.weight[y[valid]].sum())
+        return float(y.numel() // y.shape[1]) if y.dim() > 1 else float(y.shape[0])
+    if isinstance(loss_func, nn.MSELoss) and isinstance(y, Tensor):
+        return float(y.numel())
+    return float(batch_size)
 
 
 def _ce_parts(loss_func: nn.CrossEntropyLoss, output: Tensor, y: Tensor):

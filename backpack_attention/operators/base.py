@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.autograd import grad
 
 from backpack_attention._compat import PyTorchLinearOperator, as_param_list
-from backpack_attention.derivatives.loss import batch_weight
+from backpack_attention.derivatives.loss import batch_weight, mean_denominator
 from backpack_attention.layout import PARAM_NAMES
 from backpack_attention.module import MultiheadSelfAttention
 from backpack_attention.checks import check_no_randomness, check_precision, check_reiterable
@@ -89,6 +89,15 @@ def _normal(t):
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_float(x: float, device) -> float:
+    """Sum ``x`` over ranks when torch.distributed is initialised."""
+    if not _distributed():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
 
 
 def _all_reduce_int(n: int, device) -> int:
@@ -175,8 +184,16 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         if first is None:
             raise ValueError("data is empty: pass an iterable of (X, y) batches, e.g. [(X, y)] or a DataLoader")
         self._check_batch(*first)
+        # Batch weights (mean reduction): each batch's share of the mean's denominator over all data
+        # (counted targets for cross-entropy, entries for MSE; derivatives/loss.py), or, with an
+        # explicit num_data, curvlinops' batch_size / num_data.
+        self._by_denominator = num_data is None
         if num_data is None:  # with torch.distributed: the total over all ranks' shards
-            num_data = _all_reduce_int(sum(self._batch_size(X) for X, _ in data), self._device)
+            sizes = [(self._batch_size(X), self._denominator(X, y)) for X, y in data]
+            num_data = _all_reduce_int(sum(n for n, _ in sizes), self._device)
+            self._den_total = _all_reduce_float(sum(d for _, d in sizes), self._device)
+            if self._den_total <= 0 and self._loss_func.reduction == "mean":
+                raise ValueError("data: no target is counted by loss_func (all are ignore_index?)")
         if not isinstance(num_data, int) or num_data <= 0:
             raise ValueError(f"num_data must be a positive int, got {num_data!r}")
         self._N_data = num_data
@@ -237,7 +254,15 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         if y.is_floating_point() and y.dtype != self._dtype:
             raise ValueError(f"data y has dtype {y.dtype} but the parameters have {self._dtype}; cast one of them")
 
-    def _factor(self, X) -> float:
+    def _denominator(self, X, y) -> float:
+        return mean_denominator(self._loss_func, self._batch_size(X), y)
+
+    def _factor(self, X, y) -> float:
+        """Weight of a batch's loss in the empirical risk (0: the batch counts no target)."""
+        if self._loss_func.reduction != "mean":
+            return 1.0
+        if self._by_denominator:
+            return self._denominator(X, y) / self._den_total
         return batch_weight(self._loss_func, self._batch_size(X), self._N_data)
 
     def _states(self, use_cache: bool = True):
@@ -259,7 +284,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
                 continue
             self._check_batch(X, y)
             state = BatchState(self._model_func, self._loss_func, self._params, self._layers, _normal(X), _normal(y))
-            state.factor = self._factor(X)
+            state.factor = self._factor(X, y)
             if use_cache and i < self._max_cached:
                 if not self._cache:
                     self._model_state = ModelState(self._model_func)
@@ -281,14 +306,18 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         runs unbatched. Graphs are built and differentiated with only ``params`` requiring grad.
 
         Raises:
-            ValueError: ``M`` has another dtype or device than the operator (before any work).
+            ValueError: ``M`` is not floating point or on another device than the operator (before
+                any work). Another floating dtype is cast to the operator's, and the result back.
         """
         for m in M:
-            if m.dtype != self._dtype or m.device != self._device:
+            if not m.is_floating_point() or m.device != self._device:
                 raise ValueError(
                     f"the vector/matrix has dtype {m.dtype} on {m.device}, but the operator has dtype {self._dtype} "
-                    f"on {self._device}: pass v.to(op.dtype) / v.to(op.device) (or use op.to_scipy(), which casts)"
+                    f"on {self._device}: pass a floating-point v.to(op.device) (or use op.to_scipy(), which casts)"
                 )
+        out_dtype = M[0].dtype
+        if any(m.dtype != self._dtype for m in M):  # computed in the operator's dtype (as curvlinops)
+            return [r.to(out_dtype) for r in self._matmat([m.to(self._dtype) for m in M], use_cache)]
         M = [_normal(m) for m in M]
         if use_cache:
             self._refresh_cache()
@@ -297,6 +326,8 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         Mt = [m.movedim(-1, 0) for m in M]  # [K, *p.shape]
         with _RequiresGrad(self._model_func, self._params):
             for state in self._states(use_cache):
+                if state.factor == 0:
+                    continue  # a batch that counts no target (all ignore_index) contributes nothing
                 for k0 in range(0, K, self._chunk):
                     k1 = min(K, k0 + self._chunk)
                     if k1 - k0 == 1:
@@ -317,7 +348,9 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     def _loss_and_gradient(self):
         loss, grads = 0.0, [torch.zeros_like(p) for p in self._params]
         for X, y in self._data:
-            f = self._factor(X)
+            f = self._factor(X, y)
+            if f == 0:
+                continue  # no counted target (the batch's mean is 0/0)
             X, y = _normal(X), _normal(y)
             with torch.enable_grad(), _RequiresGrad(self._model_func, self._params):
                 ell = self._loss_func(self._model_func(X), y) * f

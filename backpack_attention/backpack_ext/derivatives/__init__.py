@@ -5,6 +5,8 @@
 * :class:`GELUDerivatives`: ``nn.GELU`` (``gelu.py``).
 * :class:`SequenceMSELossDerivatives`: ``nn.MSELoss`` on ``[N, *, C]`` outputs (``mse.py``).
 * :class:`EmbeddingDerivatives`: BackPACK's, fixed for ``float64`` (``embedding.py``).
+* :class:`IgnoreIndexCrossEntropyLossDerivatives`: ``nn.CrossEntropyLoss`` with ``ignore_index``
+  (``crossentropy.py``).
 
 Shape conventions are BackPACK's: a backpropagated matrix ``mat`` is ``[V, N, *out]`` where ``V``
 is a free axis (loss-Hessian square-root columns or Monte-Carlo samples).
@@ -17,6 +19,7 @@ from backpack_attention.backpack_ext.derivatives.attention import (
     attention_masks,
     clear_module_cache,
 )
+from backpack_attention.backpack_ext.derivatives.crossentropy import IgnoreIndexCrossEntropyLossDerivatives
 from backpack_attention.backpack_ext.derivatives.embedding import EmbeddingDerivatives
 from backpack_attention.backpack_ext.derivatives.gelu import GELUDerivatives
 from backpack_attention.backpack_ext.derivatives.layernorm import LayerNormDerivatives
@@ -26,6 +29,7 @@ __all__ = [
     "CORE_CHUNK_NUMEL",
     "EmbeddingDerivatives",
     "GELUDerivatives",
+    "IgnoreIndexCrossEntropyLossDerivatives",
     "LayerNormDerivatives",
     "MHSADerivatives",
     "SequenceMSELossDerivatives",

@@ -1,4 +1,4 @@
-"""Command line: ``backpack-attention report [options]``.
+"""Command line: ``backpack-attention report [options]`` (or ``python -m backpack_attention.report report``).
 
 ``main(argv=None)`` parses ``argv`` (default ``sys.argv[1:]``) and returns the exit status:
 0 on success, 1 if a report section failed. Invalid options exit with status 2 and an

@@ -1,24 +1,40 @@
-"""The ``backpack-attention report`` command: a Markdown report with figures on a small transformer.
+"""The report framework: options, shared context, section registry and runner.
 
-The report is a list of small, independent **sections** kept in a registry. Each section is a
+``backpack-attention report`` writes a Markdown report with figures on a small transformer. The
+report is a list of small, independent **sections** kept in a registry. Each section is a
 function ``compute(ctx) -> SectionResult`` that reads what it needs from the shared
 :class:`ReportContext` (model, loss, data, options, a cache for expensive shared results) and
 returns Markdown plus figures. The runner calls the sections in order, catches every failure
 (the error and its traceback go into the report, the other sections still run, and the command
 exits non-zero at the end), writes ``report.md`` and the PNG figures, and shows a progress bar.
+The built-in sections live in :mod:`backpack_attention.report.sections`.
 
-Adding a section (for example Hessian blocks or spectra) touches no other section::
+Adding a section touches no other section. For example (this runs as printed; it writes
+``my-report/report.md`` and ``my-report/num_heads.png``)::
 
-    from backpack_attention.report import SectionResult, Figure, register_section
+    from backpack_attention.report import Figure, ReportOptions, SectionResult, register_section, run_report
 
-    @register_section("hessian_blocks", "Hessian blocks", order=40)
-    def hessian_blocks(ctx):
-        ...                                   # ctx.model, ctx.loss_func, ctx.data, ctx.attention_layers
-        return SectionResult(markdown, [Figure("hessian_blocks.png", "caption", draw)])
+    @register_section("num_heads", "Heads per attention layer", order=90)
+    def num_heads(ctx):
+        heads = [m.num_heads for m in ctx.attention_layers]
+
+        def draw():
+            from matplotlib.figure import Figure as MplFigure
+
+            fig = MplFigure(figsize=(3, 2))
+            fig.subplots().bar(range(len(heads)), heads)
+            return fig
+
+        markdown = f"Heads per layer: {heads}; loss at initialisation {ctx.loss_and_gradients()[0]:.4g}."
+        return SectionResult(markdown, [Figure("num_heads.png", "heads per layer", draw)])
+
+    run_report(ReportOptions(out="my-report", sections=["model", "num_heads"]))
 
 ``draw`` is a function returning a :class:`matplotlib.figure.Figure`; it is only called when
-plots are enabled, so ``--no-plots`` also skips the plotting work. The module that defines the
-section must be imported before :func:`run_report` (list it in :data:`SECTION_MODULES`).
+plots are enabled, so ``--no-plots`` also skips the plotting work. A section name must be new
+(:func:`register_section` raises ``ValueError`` for a name another function registered). A
+section defined in another module is found by the command line if that module is imported before
+:func:`run_report` runs (list it in :data:`SECTION_MODULES`).
 """
 
 from __future__ import annotations
@@ -34,15 +50,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
-from backpack_attention.module import BLOCK_NAMES, MultiheadSelfAttention, param_index
+from backpack_attention.layout import AttentionLayout
+from backpack_attention.module import MultiheadSelfAttention
 
 DEFAULT_OUT = "backpack-attention-report"
 
 #: Modules imported (for their ``@register_section`` side effects) before a report runs. A name
 #: whose module does not exist (yet) is skipped; any other import error fails the report.
-SECTION_MODULES: tuple = ("backpack_attention.sections",)
+SECTION_MODULES: tuple = ("backpack_attention.report.sections",)
 
 
 # ---- options, context, results --------------------------------------------------------------
@@ -202,7 +218,8 @@ class ReportContext:
         return self.cached("loss_and_gradients", compute)
 
     def flat_attention_gradient(self, module: MultiheadSelfAttention) -> torch.Tensor:
-        """Gradient of ``module``'s parameters, concatenated in :func:`param_index` order."""
+        """Gradient of ``module``'s parameters, flat in the order of ``module.parameters()`` (the order
+        :meth:`AttentionLayout.param_index <backpack_attention.layout.AttentionLayout.param_index>` indexes)."""
         _, grads = self.loss_and_gradients()
         prefix = next(n for n, m in self.model.named_modules() if m is module)
         return torch.cat([grads[f"{prefix}.{n}"].reshape(-1) for n, _ in module.named_parameters()])
@@ -221,177 +238,10 @@ def fmt(x: float) -> str:
     return f"{float(x):.4g}"
 
 
-def block_names(module: MultiheadSelfAttention) -> List[str]:
-    """The blocks ``module`` has (no bias blocks when ``bias=False``)."""
-    return [n for n in BLOCK_NAMES if module.bias or not n.startswith("b_")]
-
-
-def block_shape(module: MultiheadSelfAttention, name: str) -> List[int]:
-    """Shape of one head's block in torch layout (``W_O``, ``b_O``: see :func:`param_index`)."""
-    E, d = module.embed_dim, module.head_dim
-    return {"W_Q": [d, E], "W_K": [d, E], "W_V": [d, E], "b_Q": [d], "b_K": [d], "b_V": [d],
-            "W_O": [E, d], "b_O": [E]}[name]
-
-
-def torch_location(module: MultiheadSelfAttention, name: str) -> str:
-    """Where head ``h``'s block lives in the torch parameters."""
-    offset = {"Q": "", "K": "E + ", "V": "2E + "}
-    if name in ("W_Q", "W_K", "W_V"):
-        s = offset[name[-1]]
-        return f"`in_proj_weight[{s}h·d_K : {s}(h+1)·d_K, :]`"
-    if name in ("b_Q", "b_K", "b_V"):
-        s = offset[name[-1]]
-        return f"`in_proj_bias[{s}h·d_K : {s}(h+1)·d_K]`"
-    if name == "W_O":
-        return "`out_proj_weight[:, h·d_K : (h+1)·d_K]`"
-    return "`out_proj_bias` (shared by all heads)"
-
-
-# ---- sections --------------------------------------------------------------------------------
-@register_section("model", "Model summary", order=10)
-def model_summary(ctx: ReportContext) -> SectionResult:
-    o, m = ctx.options, ctx.model
-    layers = ctx.attention_layers
-    att = layers[0]
-    loss, _ = ctx.loss_and_gradients()
-    N, L = ctx.X.shape
-    lines = [
-        "Built-in problem: 5-digit addition `XXXXX+YYYYY=ZZZZZZ` (generated in code, no downloads); "
-        f"{N} sequences of {L} input tokens, vocabulary 12; cross-entropy on the 6 answer digits "
-        "(mean over sequences and digits).",
-        "",
-        md_table(
-            ["setting", "value"],
-            [
-                ["layers", o.layers],
-                ["d_model (E)", o.d_model],
-                ["heads (H)", o.heads],
-                ["head width (d_K = E/H)", att.head_dim],
-                ["MLP width", m.blocks[0].mlp[0].out_features],
-                ["attention", f"{o.attention}, causal"],
-                ["normalisation", o.norm],
-                ["dtype", o.dtype],
-                ["seed", o.seed],
-                ["loss at initialisation", fmt(loss)],
-            ],
-        ),
-        "",
-        "Parameter counts:",
-        "",
-    ]
-    rows = []
-    for name, child in m.named_children():
-        if isinstance(child, nn.ModuleList):
-            for i, block in enumerate(child):
-                for sub, mod in block.named_children():
-                    n = sum(p.numel() for p in mod.parameters())
-                    if n:
-                        rows.append([f"`{name}.{i}.{sub}`", type(mod).__name__, n])
-        else:
-            n = sum(p.numel() for p in child.parameters())
-            if n:
-                rows.append([f"`{name}`", type(child).__name__, n])
-    total = sum(p.numel() for p in m.parameters())
-    n_att = sum(p.numel() for a in layers for p in a.parameters())
-    rows.append(["**total**", "", f"**{total}**"])
-    lines += [md_table(["module", "type", "parameters"], rows), "",
-              f"Attention parameters: {n_att} of {total} ({100 * n_att / total:.1f}%).", "",
-              "<details><summary>Module tree</summary>", "", "```", str(m), "```", "", "</details>"]
-    return SectionResult("\n".join(lines))
-
-
-@register_section("attention_params", "Parameters per attention block", order=20)
-def attention_parameters(ctx: ReportContext) -> SectionResult:
-    att = ctx.attention_layers[0]
-    H = att.num_heads
-    lines = [
-        "Every attention layer has the same layout. Blocks follow SPEC §5.3 "
-        "(`backpack_attention.param_index(module, name, head)` gives their positions in "
-        "`torch.cat([p.reshape(-1) for p in module.parameters()])`). Shapes are per head, in torch "
-        "layout (`W_Q^h` is stored transposed, as `nn.MultiheadAttention` stores it).",
-        "",
-    ]
-    rows = []
-    for name in block_names(att):
-        shape = block_shape(att, name)
-        per_head = math.prod(shape)
-        heads = "shared" if name == "b_O" else H
-        total = per_head if name == "b_O" else per_head * H
-        rows.append([f"`{name}`", "×".join(map(str, shape)), heads, per_head, total, torch_location(att, name)])
-    lines.append(md_table(["block", "shape per head", "heads", "per head", "all heads", "torch location"], rows))
-
-    # Consistency check: the blocks of all heads partition the layer's parameters.
-    n_params = sum(p.numel() for p in att.parameters())
-    idx = torch.cat([param_index(att, name, None if name == "b_O" else h)
-                     for name in block_names(att) for h in ([None] if name == "b_O" else range(H))])
-    covered = idx.numel() == n_params and torch.equal(idx.sort().values, torch.arange(n_params))
-    lines += ["", f"Parameters per attention layer: {n_params}; the per-head blocks above "
-              + ("cover each of them exactly once." if covered else "do **not** partition them (index map error).")]
-    if not covered:
-        raise RuntimeError("param_index blocks do not partition the attention parameters")
-    return SectionResult("\n".join(lines))
-
-
-def _gradient_norms(ctx: ReportContext):
-    """``{layer: {block: [norm per head]}}`` (``b_O``: one entry)."""
-    out = []
-    for att in ctx.attention_layers:
-        g = ctx.flat_attention_gradient(att)
-        norms = {}
-        for name in block_names(att):
-            heads = [None] if name == "b_O" else range(att.num_heads)
-            norms[name] = [float(g[param_index(att, name, h)].norm()) for h in heads]
-        out.append(norms)
-    return out
-
-
-@register_section("gradient_norms", "Gradient norms per attention block", order=30)
-def gradient_norms(ctx: ReportContext) -> SectionResult:
-    norms = ctx.cached("gradient_norms", lambda: _gradient_norms(ctx))
-    att = ctx.attention_layers[0]
-    H = att.num_heads
-    loss, grads = ctx.loss_and_gradients()
-    total = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
-    lines = [f"Euclidean norm of the gradient of the loss ({fmt(loss)}) restricted to each block, per "
-             f"layer and head (whole-model gradient norm {fmt(total)}).", ""]
-    header = ["layer", "block"] + [f"head {h}" for h in range(H)] + ["all heads"]
-    rows = []
-    for i, layer in enumerate(norms):
-        for name, vals in layer.items():
-            all_heads = math.sqrt(sum(v * v for v in vals))
-            cells = [fmt(vals[0])] + [""] * (H - 1) if name == "b_O" else [fmt(v) for v in vals]
-            rows.append([i, f"`{name}`", *cells, fmt(all_heads)])
-    lines.append(md_table(header, rows))
-    if ctx.options.attention == "softmax" and att.bias:
-        worst = max(max(layer["b_K"]) for layer in norms)
-        lines += ["", f"`b_K` gets no gradient in softmax attention (a row shift of the scores does "
-                  f"not change the softmax; SPEC §5.2): largest `b_K` gradient norm here {fmt(worst)}."]
-    figures = []
-    if ctx.options.plots:
-        figures.append(Figure("gradient_norms.png", "Gradient norm per Q/K/V/O weight block, layer and head",
-                              lambda: _plot_gradient_norms(norms, H)))
-    return SectionResult("\n".join(lines), figures)
-
-
-def _plot_gradient_norms(norms, H):
-    from matplotlib.figure import Figure as MplFigure
-
-    blocks = ["W_Q", "W_K", "W_V", "W_O"]
-    n_layers = len(norms)
-    fig = MplFigure(figsize=(1.5 + 2.8 * n_layers, 3.2), layout="constrained")
-    axes = fig.subplots(1, n_layers, squeeze=False, sharey=True)[0]
-    width = 0.8 / H
-    for i, (ax, layer) in enumerate(zip(axes, norms)):
-        for h in range(H):
-            xs = [b + (h - (H - 1) / 2) * width for b in range(len(blocks))]
-            ax.bar(xs, [layer[name][h] for name in blocks], width=width, label=f"head {h}")
-        ax.set_xticks(range(len(blocks)), blocks)
-        ax.set_title(f"layer {i}")
-        ax.set_yscale("log")
-    axes[0].set_ylabel("gradient norm")
-    if H > 1:
-        axes[-1].legend(fontsize="small")
-    return fig
+def layout_of(module: MultiheadSelfAttention) -> AttentionLayout:
+    """The :class:`~backpack_attention.layout.AttentionLayout` of ``module`` (its block names,
+    shapes, torch locations and flat positions)."""
+    return AttentionLayout(module.embed_dim, module.num_heads, module.bias)
 
 
 # ---- runner ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-r"""Block heterogeneity of the attention Hessian and its growth with the input scale (SPEC §6.1).
+r"""Block heterogeneity of the attention Hessian and its growth with the input scale (docs/math.md §6.1).
 
 The paper's central finding (Ormaniec, Dangel & Singh, ICLR 2025): the query/key blocks of the
 attention Hessian are orders of magnitude smaller than the value block at small input scale,
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from backpack_attention.derivatives.blocks import hessian_blocks
+from backpack_attention import hessian_blocks
 from backpack_attention.models import default_problem
 
-#: Exponents the paper states (softmax) and SPEC §6.1 derives (linear attention, one layer).
+#: Exponents the paper states (softmax) and docs/math.md §6.1 derives (linear attention, one layer).
 EXPECTED = {
     "softmax": {("W_Q", "outer"): 6, ("W_Q", "functional"): 5, ("W_Q", "full"): 5,
                 ("W_K", "outer"): 6, ("W_K", "functional"): 5, ("W_K", "full"): 5,
@@ -171,7 +171,7 @@ def growth_summary(*, num_sequences: int = 8, seed: int = 0, num_sigmas: int = 4
         f"its functional part is {q['fro_functional'] / q['fro_outer']:.1f} times its outer (GGN) part.",
         "",
         f"Growth exponents: log-log slopes of the block norms over embedding scales sigma in [1e-3, 1e-2] "
-        f"({num_sigmas} points; expected values from the paper and SPEC §6.1):",
+        f"({num_sigmas} points; expected values from the paper and docs/math.md §6.1):",
         "",
     ]
     for res in results:

@@ -1,18 +1,13 @@
-"""Curvature sections of ``backpack-attention report``: closed-form Hessian blocks and growth exponents.
-
-Registered with :func:`backpack_attention.report.register_section`; the report imports this
-module through :data:`backpack_attention.report.SECTION_MODULES`.
-"""
+"""Report section ``hessian_blocks``: closed-form Hessian block norms per layer and head, and a heat map."""
 
 from __future__ import annotations
 
-
 import torch
 
-from backpack_attention.derivatives.blocks import hessian_blocks
-from backpack_attention.heterogeneity import growth_summary, sweep_figure
-from backpack_attention.module import param_index
-from backpack_attention.report import Figure, ReportContext, SectionResult, fmt, md_table, register_section
+from backpack_attention import hessian_blocks
+from backpack_attention.report.framework import (
+    Figure, ReportContext, SectionResult, fmt, layout_of, md_table, register_section,
+)
 
 #: Layers whose whole attention Hessian has more parameters than this get no heat map.
 MAX_HEATMAP_PARAMS = 4000
@@ -57,14 +52,15 @@ def _heatmap(hb, module):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    layout = layout_of(module)
     names = ("W_Q", "W_K", "W_V", "W_O")
-    idx = torch.cat([param_index(module, n, head=0) for n in names])
+    idx = torch.cat([layout.param_index(n, head=0) for n in names])
     H = hb.block(idx, idx).full.abs()
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(torch.log10(H + 1e-12).cpu().numpy(), cmap="viridis", interpolation="nearest")
     edges, ticks, pos = [], [], 0
     for n in names:
-        size = len(param_index(module, n, head=0))
+        size = len(layout.param_index(n, head=0))
         ticks.append(pos + size / 2)
         pos += size
         edges.append(pos - 0.5)
@@ -77,17 +73,3 @@ def _heatmap(hb, module):
     ax.set_title("Hessian of layer 0, head 0: weights of Q, K, V, O")
     fig.tight_layout()
     return fig
-
-
-@register_section("growth", "Block heterogeneity and growth exponents (the paper's Fig. 1 and 3)", order=45)
-def growth(ctx: ReportContext) -> SectionResult:
-    md, results = ctx.cached("growth", lambda: growth_summary(num_sequences=8, seed=ctx.options.seed))
-    return SectionResult(md, [Figure("hessian_growth.png", "block norms vs embedding scale", lambda: sweep_figure(results))])
-
-
-@register_section("spectra", "Attention block spectra (Lanczos on the exact operators)", order=60)
-def spectra(ctx: ReportContext) -> SectionResult:
-    from backpack_attention.spectra import report_section
-
-    sec = report_section(ctx)
-    return SectionResult(sec["markdown"], [Figure(sec["figure_name"], "extreme eigenvalues per block", sec["draw"])])
