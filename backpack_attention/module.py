@@ -337,34 +337,42 @@ class SelfAttentionAdapter(nn.Module):
 
 
 def convert_attention(model: nn.Module, *, strict: bool = True) -> nn.Module:
-    """Replace, in place, every ``nn.MultiheadAttention`` in ``model`` by a :class:`SelfAttentionAdapter`.
+    """Convert, in place, the attention of ``model`` so that its curvature is exact and fast.
 
-    Outputs are unchanged. The adapters use the model's own parameter objects, and ``state_dict()``
-    keeps ``nn.MultiheadAttention``'s keys, so optimizers, weight tying and existing checkpoints keep
-    working. Modules that cannot be converted (``kdim``/``vdim`` != ``embed_dim``, dropout > 0,
-    ``add_bias_kv``, ``add_zero_attn``) raise a ``ValueError`` naming them, before anything is
-    replaced. A top-level ``nn.MultiheadAttention`` is returned converted (it cannot be replaced in
-    place). Returns the model.
+    * Every ``nn.MultiheadAttention`` is replaced by a :class:`SelfAttentionAdapter`. The adapters
+      use the model's own parameter objects, and ``state_dict()`` keeps ``nn.MultiheadAttention``'s
+      keys. Modules that cannot be converted (``kdim``/``vdim`` != ``embed_dim``, dropout > 0,
+      ``add_bias_kv``, ``add_zero_attn``) raise a ``ValueError`` naming them.
+    * HuggingFace ``transformers`` attention (GPT-2, BERT-style, ViT, ...), timm's ``Attention`` and
+      hand-written self-attention with a fused qkv ``nn.Linear`` calling
+      ``F.scaled_dot_product_attention`` (nanoGPT) keep their class, parameters and ``state_dict()``
+      keys: they are switched to their SDPA path, and their SDPA call is answered by the package's
+      drop-in with closed-form derivatives (:mod:`backpack_attention.adapters`, docs/adapters.md).
+      Cross-attention, rotary or grouped-query attention, attention dropout in training mode (and,
+      at a call, head masks, KV caches with past keys, additive biases) are refused, naming the
+      module.
+
+    Everything is checked before anything changes: on an error the model is untouched. Outputs are
+    unchanged. Converting twice is harmless. A top-level ``nn.MultiheadAttention`` is returned
+    converted (it cannot be replaced in place). Returns the model; ``model._backpack_attention_converted``
+    and :func:`backpack_attention.adapters.converted_modules` list what is converted, as
+    ``(name, kind)`` pairs.
 
     Args:
         strict: raise a ``ValueError`` when ``model`` has no attention at all that the package can
-            use (nothing converted and no :class:`MultiheadSelfAttention` already in it), naming the
-            attention-like modules it found; ``False`` returns the model unchanged instead.
+            use (nothing converted, now or before, and no :class:`MultiheadSelfAttention` in it),
+            naming the attention-like modules it found; ``False`` returns the model unchanged instead.
     """
+    from backpack_attention.adapters import convert_other_attention, converted_modules  # imports this module
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.MultiheadAttention):
         return SelfAttentionAdapter.from_torch(model, name="model", share=True)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    if strict and not targets and not any(isinstance(m, MultiheadSelfAttention) for m in model.modules()):
-        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if "attention" in type(m).__name__.lower()]
-        raise ValueError(
-            f"convert_attention: {type(model).__name__} has no nn.MultiheadAttention to convert"
-            + (f"; its attention modules {others} are of a kind this version cannot convert" if others else "")
-            + " (convertible: nn.MultiheadAttention used as self-attention; pass strict=False to allow a no-op)"
-        )
     for n, m in targets:
         check_convertible(m, n)
+    convert_other_attention(model)  # checks all of its modules before changing any
     for n, m in targets:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -374,6 +382,21 @@ def convert_attention(model: nn.Module, *, strict: bool = True) -> nn.Module:
         # the layers' forward; keep it off for encoders whose attention was converted.
         if isinstance(m, nn.TransformerEncoder) and any(isinstance(s, SelfAttentionAdapter) for s in m.modules()):
             m.use_nested_tensor = False
+    converted = converted_modules(model)
+    if not converted and not any(isinstance(m, MultiheadSelfAttention) for m in model.modules()):
+        if strict:
+            others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                      if "attention" in type(m).__name__.lower()]
+            raise ValueError(
+                f"convert_attention: {type(model).__name__} has no nn.MultiheadAttention to convert and no other "
+                "attention the adapters recognise"
+                + (f"; its attention modules {others} are of a kind this version cannot convert" if others else "")
+                + " (convertible: nn.MultiheadAttention used as self-attention; HuggingFace attention using the "
+                "attention interface (GPT-2, BERT, ViT, ...); timm's Attention; a module with a fused qkv "
+                "nn.Linear calling F.scaled_dot_product_attention; pass strict=False to allow a no-op)"
+            )
+        return model
+    model._backpack_attention_converted = converted
     return model
 
 
@@ -383,6 +406,12 @@ def as_attention(module: nn.Module) -> MultiheadSelfAttention:
         return module
     if isinstance(module, SelfAttentionAdapter):
         return module.attention
+    if getattr(module, "_backpack_attention_kind", None) is not None:
+        raise TypeError(
+            f"{type(module).__name__} was converted by routing its attention core (HuggingFace, timm, "
+            "nanoGPT-style modules): the curvature operators support it, but closed-form blocks, factors "
+            "and BackPACK extensions need a backpack_attention.MultiheadSelfAttention layer"
+        )
     raise TypeError(
         "expected a backpack_attention.MultiheadSelfAttention (or a converted nn.MultiheadAttention), "
         f"got {type(module).__name__}; use backpack_attention.convert_attention(model) first"
