@@ -67,7 +67,8 @@ def attention_block_eigenvalues(
     parts: Sequence[str] = PARTS,
     which: Sequence[str] = ("LA",),
     dense_max: int = 512,
-    tol: float = 0.0,
+    dense_layer_max: int = 4096,
+    tol: float = 1e-8,
     seed: int = 0,
     progress: bool = True,
     **operator_kwargs,
@@ -86,7 +87,11 @@ def attention_block_eigenvalues(
         which: ``"LA"`` (largest algebraic) and/or ``"SA"`` (smallest algebraic; the functional and full
             parts are indefinite).
         dense_max: blocks of at most this size are decomposed densely (exact); larger ones use ``eigsh``.
-        tol: ``eigsh`` tolerance (0 = machine precision). seed: ``eigsh`` start vector seed.
+        dense_layer_max: layers with at most this many parameters get their whole matrix once per
+            part (``P / column_chunk`` vectorised products) and every block is sliced from it and
+            decomposed densely: far fewer products than one set per block and head.
+        tol: ``eigsh`` relative tolerance for blocks decomposed iteratively (default ``1e-8``; ``0`` =
+            machine precision, slower). seed: ``eigsh`` start vector seed.
         progress: show a tqdm progress bar over the (layer, block, head, part) eigenproblems.
         operator_kwargs: passed to the operator (``check_deterministic``, ``num_data``, ...).
 
@@ -121,19 +126,33 @@ def attention_block_eigenvalues(
                 continue
             heads = [None] + (list(range(mod.num_heads)) if per_head and block != "b_O" else [])
             tasks += [(li, block, head, part) for head in heads for part in parts]
+    # one dense layer matrix per (layer, part) at a time: visit the tasks part by part, report in order
+    order = sorted(range(len(tasks)), key=lambda t: (tasks[t][0], parts.index(tasks[t][3]), t))
     rows: List[Dict] = []
-    op, op_layer = None, None
-    for li, block, head, part in tqdm(tasks, desc="attention block eigenvalues", unit="block", disable=not progress):
+    op, op_layer, dense = None, None, {}
+    per_task: Dict[int, List[Dict]] = {}
+    for t in tqdm(order, desc="attention block eigenvalues", unit="block", disable=not progress):
+        li, block, head, part = tasks[t]
         name, mod = all_layers[li]
         if op_layer != li:  # one operator per layer: its batch cache serves all blocks, heads and parts
             op = AttentionHessianLinearOperator(model, loss_func, list(mod.parameters()), data, **operator_kwargs)
             op_layer = li
         idx = param_index(mod, block, head).tolist()
         op.part = part  # the operator's batch cache holds the GGN, Hessian and functional graphs
-        evs = _block_eigs(SubmatrixLinearOperator(op, idx, idx), len(idx), k, which, dense_max, tol, seed)
-        for w, ev in evs.items():
-            rows.append({"layer": li, "layer_name": name, "block": block, "head": head,
-                         "part": part, "which": w, "size": len(idx), "eigenvalues": [float(e) for e in ev]})
+        if op.shape[0] <= dense_layer_max:
+            if (li, part) not in dense:  # the whole layer once per part; blocks are slices of it
+                dense = {(li, part): (op @ torch.eye(op.shape[0], dtype=op.dtype, device=op.device)).detach().cpu().double()}
+            D = dense[(li, part)][idx][:, idx]
+            ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
+            kk = min(k, len(idx))
+            evs = {w: np.sort(ev[-kk:] if w == "LA" else ev[:kk])[::-1] for w in which}
+        else:
+            evs = _block_eigs(SubmatrixLinearOperator(op, idx, idx), len(idx), k, which, dense_max, tol, seed)
+        per_task[t] = [{"layer": li, "layer_name": name, "block": block, "head": head, "part": part,
+                        "which": w, "size": len(idx), "eigenvalues": [float(e) for e in ev]}
+                       for w, ev in evs.items()]
+    for t in range(len(tasks)):
+        rows.extend(per_task[t])
     return rows
 
 
