@@ -6,6 +6,8 @@ from backpack_attention.derivatives.factors import AttentionFactors
 from backpack_attention.layout import AttentionLayout
 from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
 from backpack_attention.spectra import attention_block_eigenvalues
+from backpack_attention.operators import AttentionEKFACLinearOperator, AttentionKFACLinearOperator
+from backpack_attention.kfac_quality import kfac_quality
 from backpack_attention.module import (
     MultiheadSelfAttention,
     SelfAttentionAdapter,
@@ -16,6 +18,9 @@ from backpack_attention.module import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionKFACLinearOperator",
+    "AttentionEKFACLinearOperator",
+    "kfac_quality",
     "AttentionGGNLinearOperator",
     "AttentionHessianLinearOperator",
     "attention_block_eigenvalues",

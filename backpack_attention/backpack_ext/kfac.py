@@ -32,7 +32,13 @@ from backpack.extensions.secondorder.hbp.linear import HBPLinear
 from torch import Tensor
 
 from backpack_attention.backpack_ext.base import ClearsAttentionCache
-from backpack_attention.derivatives.kfac import KFAC_APPROXIMATIONS, gradient_factor, input_factor  # noqa: F401
+from backpack_attention.derivatives.kfac import (  # noqa: F401
+    KFAC_APPROXIMATIONS,
+    OPERATOR_KFAC_APPROXIMATIONS,
+    AttentionKFACTerms,
+    gradient_factor,
+    input_factor,
+)
 from backpack_attention.backpack_ext.derivatives import (
     EmbeddingDerivatives,
     GELUDerivatives,
@@ -40,12 +46,19 @@ from backpack_attention.backpack_ext.derivatives import (
     MHSADerivatives,
 )
 
-def kfac_approx_of(ext) -> str:
-    """The weight-sharing approximation requested by extension ``ext`` (default ``"expand"``)."""
+def requested_approx(ext) -> str:
+    """The ``kfac_approx`` of extension ``ext`` as given (default ``"expand"``)."""
     approx = getattr(ext, "kfac_approx", "expand")
-    if approx not in KFAC_APPROXIMATIONS:
-        raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}")
+    if approx not in OPERATOR_KFAC_APPROXIMATIONS:
+        raise ValueError(f"kfac_approx must be one of {OPERATOR_KFAC_APPROXIMATIONS}, got {approx!r}")
     return approx
+
+
+def kfac_approx_of(ext) -> str:
+    """The weight-sharing approximation for layers that are not attention: ``"expand"`` or
+    ``"reduce"`` (``"attention"`` means expand for them, as in ``AttentionKFACLinearOperator``)."""
+    approx = requested_approx(ext)
+    return "expand" if approx == "attention" else approx
 
 
 def require_sqrt_strategy(ext, module) -> None:
@@ -79,35 +92,81 @@ class HBPLinearShared(HBPLinear):
         return [gradient_factor(backproped, kfac_approx_of(ext))]
 
 
+def _group_name(group) -> str:
+    g, h = group
+    return g if h is None else f"{g}[{h}]"
+
+
 class HBPMHSA(ClearsAttentionCache, HBPBaseModule):
     """KFAC/KFLR for attention: ``[G_in, A_in]``, ``[G_in]``, ``[G_out, A_out]``, ``[G_out]``.
 
     ``G_in [3E, 3E]`` comes from the core's transposed Jacobian applied to the factor
     (``g_qkv``), ``A_in [E, E]`` from the input ``x``; ``G_out``, ``A_out`` from the factor and the
     concatenated head outputs ``z``.
+
+    With ``kfac_approx="attention"`` the factors are the attention-aware ones of
+    :class:`~backpack_attention.AttentionKFACLinearOperator` (docs/kfac.md), one Kronecker product
+    per group: ``in_proj_weight -> {"Q": [G, A], "K[h]": [G, A], "V[h]": [G, A]}`` (each the block
+    ``kron(G, A)`` of that group's rows of ``in_proj_weight``, ``param_index`` order),
+    ``in_proj_bias -> {"Q": [G b], ...}`` (``b`` the bias entry of the input factor; 0 for ``b_K``),
+    ``out_proj_weight -> [G, A]``, ``out_proj_bias -> [G b]``: the operator's blocks with
+    ``separate_weight_and_bias=True``, from BackPACK's square-root columns.
     """
 
     def __init__(self):
         super().__init__(derivatives=MHSADerivatives(), params=MHSADerivatives.PARAMS)
 
-    def in_proj_weight(self, ext, module, g_inp, g_out, backproped) -> List[Tensor]:
+    def _attention_factors(self, module, backproped):
+        """``{group: (out, in)}`` of the attention recipe (cached for the four parameters)."""
+        cache = module.__dict__.setdefault("_bpa_cache", {})
+        key = ("kfac_attention", id(backproped))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is backproped:
+            return hit[1]
+        fwd = self.derivatives.forward_quantities(module)
+        terms = AttentionKFACTerms(module, fwd.x, fwd.allowed, "attention", fq=fwd)
+        factors = terms.factors(backproped)
+        cache[key] = (backproped, factors)
+        return factors
+
+    def _attention_param(self, module, backproped, weight: bool, groups):
+        E = module.embed_dim
+        out = {}
+        for g in groups:
+            G, A = self._attention_factors(module, backproped)[g]
+            out[_group_name(g)] = [G, A[:E, :E]] if weight else [G * A[E, E]]
+        return out
+
+    @staticmethod
+    def _attention_factors_keys(module):
+        return [("Q", None)] + [("K", h) for h in range(module.num_heads)] + [("V", h) for h in range(module.num_heads)]
+
+    def in_proj_weight(self, ext, module, g_inp, g_out, backproped):
         require_sqrt_strategy(ext, module)
+        if requested_approx(ext) == "attention":
+            return self._attention_param(module, backproped, True, self._attention_factors_keys(module))
         approx = kfac_approx_of(ext)
         G_qkv = self.derivatives.qkv_cotangent(module, backproped)
         return [gradient_factor(G_qkv, approx), input_factor(module.input0, approx)]
 
-    def in_proj_bias(self, ext, module, g_inp, g_out, backproped) -> List[Tensor]:
+    def in_proj_bias(self, ext, module, g_inp, g_out, backproped):
         require_sqrt_strategy(ext, module)
+        if requested_approx(ext) == "attention":
+            return self._attention_param(module, backproped, False, self._attention_factors_keys(module))
         return [gradient_factor(self.derivatives.qkv_cotangent(module, backproped), kfac_approx_of(ext))]
 
     def out_proj_weight(self, ext, module, g_inp, g_out, backproped) -> List[Tensor]:
         require_sqrt_strategy(ext, module)
+        if requested_approx(ext) == "attention":
+            return self._attention_param(module, backproped, True, [("O", None)])["O"]
         approx = kfac_approx_of(ext)
         Z = self.derivatives.forward_quantities(module).Z
         return [gradient_factor(backproped, approx), input_factor(Z, approx)]
 
     def out_proj_bias(self, ext, module, g_inp, g_out, backproped) -> List[Tensor]:
         require_sqrt_strategy(ext, module)
+        if requested_approx(ext) == "attention":
+            return self._attention_param(module, backproped, False, [("O", None)])["O"]
         return [gradient_factor(backproped, kfac_approx_of(ext))]
 
     def backpropagate(self, ext, module, g_inp, g_out, backproped):

@@ -33,11 +33,12 @@ from backpack_attention.module import MultiheadSelfAttention
 # Extension classes that differ from BackPACK's
 # --------------------------------------------------------------------------------------
 class KFAC(bpext.KFAC):
-    """BackPACK's KFAC plus ``kfac_approx`` (``"expand"`` or ``"reduce"``) for weight sharing."""
+    """BackPACK's KFAC plus ``kfac_approx`` (``"expand"``, ``"reduce"`` for weight sharing, or
+    ``"attention"``: attention-aware factors for attention layers, expand elsewhere)."""
 
     def __init__(self, mc_samples: int = 1, kfac_approx: str = "expand"):
-        if kfac_approx not in kfac.KFAC_APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {kfac.KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
+        if kfac_approx not in kfac.OPERATOR_KFAC_APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {kfac.OPERATOR_KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
         self.kfac_approx = kfac_approx
         super().__init__(mc_samples=mc_samples)
 
@@ -46,8 +47,8 @@ class KFLR(bpext.KFLR):
     """BackPACK's KFLR plus ``kfac_approx`` and a sum rule at branch points (residual blocks)."""
 
     def __init__(self, kfac_approx: str = "expand"):
-        if kfac_approx not in kfac.KFAC_APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {kfac.KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
+        if kfac_approx not in kfac.OPERATOR_KFAC_APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {kfac.OPERATOR_KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
         self.kfac_approx = kfac_approx
         super().__init__()
 

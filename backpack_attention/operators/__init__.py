@@ -54,10 +54,13 @@ the same batches in the same order every time and that the parameters do not cha
 from backpack_attention.operators.base import AttentionCurvatureLinearOperator
 from backpack_attention.operators.ggn import AttentionGGNLinearOperator
 from backpack_attention.operators.hessian import PARTS, AttentionHessianLinearOperator
+from backpack_attention.operators.kfac import AttentionEKFACLinearOperator, AttentionKFACLinearOperator
 
 __all__ = [
     "AttentionCurvatureLinearOperator",
     "AttentionGGNLinearOperator",
     "AttentionHessianLinearOperator",
     "PARTS",
+    "AttentionKFACLinearOperator",
+    "AttentionEKFACLinearOperator",
 ]

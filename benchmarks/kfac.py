@@ -1,0 +1,278 @@
+"""Benchmark: KFAC / EKFAC for transformers, ours vs curvlinops on the nn.Linear twin.
+
+Setup (docs/benchmarks.md's transformer): float32, d=64, 4 heads, N=32 sequences, L in {64, 256};
+a 2-block pre-LN ``TinyTransformer`` (attention + MLP + residuals, token-level cross-entropy over
+all positions, vocabulary 16). Its logits are flattened to ``[N L, C]`` (what curvlinops' EKFAC
+accepts; the data points are still the N sequences). ``params`` = every attention and
+``nn.Linear`` parameter (LayerNorm and embedding excluded: KFAC has no factors for them).
+curvlinops runs on the twin whose attention is computed from ``nn.Linear`` q/k/v/o projections
+(what it can see); ours on the model itself.
+
+Timed, as medians over ``--repeats`` and as multiples of one gradient (loss + backward for the
+same parameters, timed right before each run):
+
+* **build**: the Kronecker factors (EKFAC: and the eigenvalue corrections) plus the damped
+  inverse (eigendecompositions; curvlinops computes its inverse on the first product, so its build
+  includes one product);
+* **apply**: one product of the damped inverse with the gradient (the preconditioned gradient).
+
+A second table gives the relative Frobenius errors against the exact GGN blocks of a small model's
+attention layer (``backpack_attention.kfac_quality``), and the angle between KFAC- and
+exact-GGN-preconditioned gradients.
+
+    python benchmarks/kfac.py            # full run, writes docs/benchmarks_kfac.md
+    python benchmarks/kfac.py --quick    # seconds, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+
+import backpack_attention as ba  # noqa: E402
+from backpack_attention._compat import CURVLINOPS_VERSION  # noqa: E402
+from backpack_attention.models import TinyTransformer, default_problem  # noqa: E402
+
+from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator  # noqa: E402
+
+
+class LinearTwinAttention(nn.Module):
+    """Our attention layer computed from ``nn.Linear`` q/k/v/o projections (same weights)."""
+
+    def __init__(self, attn: ba.MultiheadSelfAttention):
+        super().__init__()
+        self.layout, self.causal = attn.layout, attn.causal
+        E, bias = attn.embed_dim, attn.bias
+        kw = dict(bias=bias, dtype=attn.in_proj_weight.dtype)
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E, **kw) for _ in range(4))
+        flat = torch.cat([p.detach().reshape(-1) for p in attn.parameters()])
+        with torch.no_grad():
+            for lin, w, b in ((self.q, "W_Q", "b_Q"), (self.k, "W_K", "b_K"), (self.v, "W_V", "b_V")):
+                lin.weight.copy_(flat[self.layout.param_index(w)].view(E, E))
+                if bias:
+                    lin.bias.copy_(flat[self.layout.param_index(b)])
+            self.o.weight.copy_(attn.out_proj_weight)
+            if bias:
+                self.o.bias.copy_(attn.out_proj_bias)
+
+    def forward(self, x, key_padding_mask=None):
+        Q, K, V = (self.layout.split_heads(f(x)) for f in (self.q, self.k, self.v))
+        S = Q @ K.transpose(-1, -2) / math.sqrt(self.layout.head_dim)
+        if self.causal:
+            S = S.masked_fill(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        return self.o(self.layout.merge_heads(S.softmax(-1) @ V))
+
+    def kfac_params(self):
+        ps = [self.q.weight, self.k.weight, self.v.weight]
+        if self.q.bias is not None:
+            ps += [self.q.bias, self.k.bias, self.v.bias]
+        return ps + list(self.o.parameters())
+
+
+class Flat(nn.Module):
+    """Token logits ``[N, C, L]`` -> ``[N L, C]``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, X):
+        out = self.model(X)
+        return out.transpose(1, 2).reshape(-1, out.shape[1])
+
+
+def problem(L: int, N: int, d: int, heads: int, layers: int = 2, vocab: int = 16):
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=vocab, d_model=d, num_heads=heads, num_layers=layers, max_len=L,
+                            readout="token", norm="pre", dtype=torch.float32).eval()
+    X = torch.randint(0, vocab, (N, L))
+    y = torch.randint(0, vocab, (N, L)).reshape(-1)
+    flat = Flat(model)
+    params = [p for n, p in model.named_parameters() if ".ln" not in n and not n.startswith(("embed", "pos", "ln"))]
+    twin_model = copy.deepcopy(model)
+    for b_t, b in zip(twin_model.blocks, model.blocks):
+        b_t.attn = LinearTwinAttention(b.attn)
+    twin_params = []
+    for b in twin_model.blocks:
+        twin_params += b.attn.kfac_params() + list(b.mlp.parameters())
+    twin_params += list(twin_model.unembed.parameters())
+    assert sum(p.numel() for p in twin_params) == sum(p.numel() for p in params)
+    return flat, Flat(twin_model), nn.CrossEntropyLoss(), params, twin_params, [(X, y)]
+
+
+def timed(f, repeats: int, reference):
+    """Median of ``time(f)`` and of ``time(f) / time(reference)`` (timed back to back)."""
+    f()  # warm-up
+    ts, ratios = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        reference()
+        tr = time.perf_counter() - t
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+        ratios.append(ts[-1] / tr)
+    return statistics.median(ts), statistics.median(ratios)
+
+
+def run_sizes(Ls, N, d, heads, repeats, damping, fisher_types):
+    rows = []
+    for L in Ls:
+        model, twin_model, loss_func, params, twin_params, data = problem(L, N, d, heads)
+        X, y = data[0]
+
+        def gradient():
+            loss = loss_func(model(X), y)
+            torch.autograd.grad(loss, params)
+
+        g = torch.autograd.grad(loss_func(model(X), y), params)
+        g = [t.detach() for t in g]
+        g_twin_shapes = [p.shape for p in twin_params]
+        g_flat = torch.cat([t.reshape(-1) for t in g])
+        g_twin = list(g_flat.split([math.prod(s) for s in g_twin_shapes]))
+        g_twin = [t.reshape(s) for t, s in zip(g_twin, g_twin_shapes)]
+        for ft in fisher_types:
+            kw = dict(fisher_type=ft, check_deterministic=False)
+            methods = {}
+            for name, cls, approx in (("ours attention KFAC", ba.AttentionKFACLinearOperator, "attention"),
+                                      ("ours expand KFAC", ba.AttentionKFACLinearOperator, "expand"),
+                                      ("ours attention EKFAC", ba.AttentionEKFACLinearOperator, "attention")):
+                state = {}
+
+                def build(cls=cls, approx=approx, state=state):
+                    op = cls(model, loss_func, params, data, kfac_approx=approx, **kw)
+                    op.compute_kronecker_factors()
+                    state["inv"] = op.inverse(damping)
+                    state["op"] = op
+
+                def apply(state=state):
+                    return state["inv"] @ g
+
+                methods[name] = (build, apply)
+            for name, cls in (("curvlinops KFAC (twin)", KFACLinearOperator),
+                              ("curvlinops EKFAC (twin)", EKFACLinearOperator)):
+                state = {}
+
+                def build(cls=cls, state=state):
+                    op = cls(twin_model, loss_func, twin_params, data, kfac_approx="expand", **kw)
+                    op.compute_kronecker_factors() if cls is KFACLinearOperator else op._maybe_compute_ekfac()
+                    inv = KFACInverseLinearOperator(op, damping=damping, use_exact_damping=True)
+                    inv @ g_twin  # curvlinops inverts on the first product
+                    state["inv"], state["op"] = inv, op
+
+                def apply(state=state):
+                    return state["inv"] @ g_twin
+
+                methods[name] = (build, apply)
+            res = {}
+            for name, (build, apply) in methods.items():
+                tb, rb = timed(build, repeats, gradient)
+                ta, ra = timed(apply, repeats, gradient)
+                res[name] = (tb, rb, ta, ra)
+            # sanity: our expand KFAC = curvlinops' KFAC on the twin (one product, float32)
+            ours = ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="expand", **kw)
+            ref = KFACLinearOperator(twin_model, loss_func, twin_params, data, kfac_approx="expand", **kw)
+            a = torch.cat([t.reshape(-1) for t in ours @ g])
+            b = torch.cat([t.reshape(-1) for t in ref @ g_twin])
+            check = ((a - b).norm() / b.norm()).item()
+            tg = statistics.median([timed_once(gradient) for _ in range(repeats)])
+            rows.append((L, ft, sum(p.numel() for p in params), tg, res, check))
+            print(f"L={L} fisher={ft} gradient {tg * 1e3:.1f} ms; expand vs curvlinops rel. diff {check:.1e}")
+            for name, (tb, rb, ta, ra) in res.items():
+                print(f"  {name:26s} build {tb * 1e3:8.1f} ms ({rb:5.2f}x)  apply {ta * 1e3:7.2f} ms ({ra:5.3f}x)")
+    return rows
+
+
+def timed_once(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def quality(N: int, d: int, heads: int):
+    """kfac_quality on the built-in small problem (1 layer, addition task, CE on the answers)."""
+    model, loss_func, (X, y) = default_problem(num_sequences=N, d_model=d, num_heads=heads)
+    q = ba.kfac_quality(model, loss_func, model.blocks[0].attn, (X, y))
+    return q
+
+
+def markdown(rows, q, args) -> str:
+    lines = ["# KFAC benchmarks", "",
+             f"- command: `python benchmarks/kfac.py` (threads={torch.get_num_threads()}, repeats={args.repeats}, "
+             f"damping={args.damping})",
+             f"- machine: {platform.machine()}, {platform.platform()}; load average at the end "
+             f"{os.getloadavg()[0]:.1f} (a shared machine: absolute times scale with the load, ratios less so)",
+             f"- versions: python {platform.python_version()}, torch {torch.__version__}, curvlinops {CURVLINOPS_VERSION}",
+             f"- model: 2-block pre-LN TinyTransformer, d={args.d}, {args.heads} heads, N={args.N}, float32, token-level CE "
+             "(logits flattened to [N L, C]); params = every attention and nn.Linear parameter; curvlinops on the "
+             "nn.Linear twin (q/k/v/o projections), kfac_approx='expand'",
+             "- build = factors (+ EKFAC corrections) + damped inverse; apply = one damped-inverse product with the "
+             "gradient; both as multiples of one gradient (loss + backward, same parameters)", ""]
+    if os.getloadavg()[0] > torch.get_num_threads():
+        lines += [f"**Warning: this run shared the machine with other work (load average {os.getloadavg()[0]:.1f} on "
+                  f"{os.cpu_count()} cores); times vary by several × between repeats and the verdicts below are "
+                  "not reliable. Rerun on a quiet machine before quoting them.**", ""]
+    lines.append("| L | fisher | P | gradient | method | build | build (× grad) | apply | apply (× grad) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for L, ft, P, tg, res, check in rows:
+        for name, (tb, rb, ta, ra) in res.items():
+            lines.append(f"| {L} | {ft} | {P} | {tg * 1e3:.1f} ms | {name} | {tb * 1e3:.0f} ms | {rb:.2f}× | "
+                         f"{ta * 1e3:.2f} ms | {ra:.3f}× |")
+    lines.append("")
+    lines.append("Check: ours `expand` equals curvlinops' KFAC on the twin (relative difference of one product, float32): "
+                 + ", ".join(f"L={L} {ft}: {check:.1e}" for L, ft, _, _, _, check in rows) + ".")
+    lines.append("")
+    targets = []
+    for L, ft, P, tg, res, check in rows:
+        ratio = res["ours attention KFAC"][0] / res["curvlinops KFAC (twin)"][0]
+        apply = res["ours attention KFAC"][3]
+        targets.append(f"- L={L}, {ft}: attention-aware build / curvlinops KFAC build = {ratio:.2f} (target ≤ 1.5: "
+                       f"{'met' if ratio <= 1.5 else 'NOT met'}); apply = {apply:.3f}× a gradient (target ≤ 1: "
+                       f"{'met' if apply <= 1 else 'NOT met'})")
+    lines += ["Targets:", ""] + targets + [""]
+    lines += [f"## Errors against the exact GGN (small model: `default_problem(num_sequences={args.qN}, "
+              f"d_model={args.qd}, num_heads={args.qheads})`, attention layer, type-2)", "",
+              "Relative Frobenius error of each block (`kfac_quality`); `best_kronecker` is the best single Kronecker "
+              "product of that block (Van Loan–Pitsianis), the floor of any one-Kronecker-product approximation. "
+              "`layer` is the whole layer's GGN (KFAC drops the couplings between blocks).", "", q.table(), ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, print only")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--damping", type=float, default=1e-3)
+    ap.add_argument("--out", default="docs/benchmarks_kfac.md")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.quick:
+        args.N, args.d, args.heads, Ls, args.repeats = 4, 16, 2, [8], 1
+        args.qN, args.qd, args.qheads = 4, 8, 2
+        fisher_types = ["mc"]
+    else:
+        args.N, args.d, args.heads, Ls = 32, 64, 4, [64, 256]
+        args.qN, args.qd, args.qheads = 32, 16, 2
+        fisher_types = ["mc", "type-2"]
+    rows = run_sizes(Ls, args.N, args.d, args.heads, args.repeats, args.damping, fisher_types)
+    q = quality(args.qN, args.qd, args.qheads)
+    text = markdown(rows, q, args)
+    print(text)
+    if not args.quick:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
