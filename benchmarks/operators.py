@@ -11,8 +11,17 @@ on shared machines). ``eigsh`` (top-5 of the GGN, same ``v0`` and ``tol`` for bo
 including the cache build) runs for each attention layer's whole parameter set and for all
 attention parameters together; its times are medians of ``--eig-repeats`` interleaved runs.
 
+Whole-model row: a GPT-2-style model (HuggingFace ``GPT2LMHeadModel`` from a config: n_embd=64,
+4 heads, 2 layers, vocabulary 16, no dropout; N=32, L in {64, 256}, float32, next-token
+cross-entropy) converted by ``convert_attention``; ``params`` = ALL parameters (embeddings,
+LayerNorms, attention, MLPs). GGN and Hessian products as multiples of one gradient on all
+parameters (converted model, fused kernel), ours against curvlinops on the unconverted model with
+eager attention (``attn_implementation="eager"``, math kernel). Needs ``transformers`` (skipped
+with a note if it is missing).
+
     python benchmarks/operators.py            # full run (a few minutes), writes docs/benchmarks.md
     python benchmarks/operators.py --quick    # seconds, prints only
+    python benchmarks/operators.py --only whole-model   # just the GPT-2 row, prints only
 """
 
 from __future__ import annotations
@@ -228,6 +237,100 @@ def fmt_targets(rows):
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# whole-model row: a GPT-2-style HuggingFace model, all parameters
+# ---------------------------------------------------------------------------------------------
+class _HFLogits(nn.Module):
+    """``input_ids`` -> token logits ``[N, V, L]`` (cross-entropy over all positions)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, X):
+        return self.lm(input_ids=X).logits.transpose(1, 2)
+
+
+def gpt2_problem(L: int, N: int, d: int, heads: int, layers: int, vocab: int = 16):
+    """(converted net, unconverted net with eager attention, loss, data); the same weights."""
+    import copy
+
+    import transformers
+
+    import backpack_attention as ba
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=L,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    lm = transformers.GPT2LMHeadModel(cfg).float().eval()
+    eager = copy.deepcopy(lm)
+    eager.set_attn_implementation("eager")
+    ours = ba.convert_attention(lm)
+    ids = torch.randint(0, vocab, (N, L + 1))
+    return _HFLogits(ours), _HFLogits(eager), nn.CrossEntropyLoss(), [(ids[:, :-1], ids[:, 1:])]
+
+
+def run_whole_model(L, N, d, heads, layers, repeats):
+    """Products on ALL parameters of the GPT-2-style model, as multiples of one gradient."""
+    net, eager, loss_func, data = gpt2_problem(L, N, d, heads, layers)
+    (X, y), = data
+    params, eager_params = list(net.parameters()), list(eager.parameters())
+    with torch.no_grad(), torch_math():
+        assert torch.allclose(net(X), eager(X), atol=1e-4), "converted GPT-2 differs from the eager one"
+    P = sum(p.numel() for p in params)
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0))
+    row = {"L": L, "P": P, "N": N, "d": d, "heads": heads, "layers": layers}
+
+    def gradient():
+        torch.autograd.grad(loss_func(net(X), y), params)
+
+    def gradient_eager():
+        torch.autograd.grad(loss_func(eager(X), y), eager_params)
+
+    row["grad"] = median_time(gradient, repeats)
+    row["grad_eager"], row["r_grad_eager"] = median_time(gradient_eager, repeats, gradient)
+    with torch_math():
+        Gc = curvlinops_operator("ggn", eager, loss_func, eager_params, data, check_deterministic=False)
+        Hc = curvlinops_operator("hessian", eager, loss_func, eager_params, data, check_deterministic=False)
+        row["cl_ggn"], row["r_cl_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
+        row["cl_hess"], row["r_cl_hess"] = median_time(lambda: Hc @ v, repeats, gradient)
+    G = AttentionGGNLinearOperator(net, loss_func, params, data, check_deterministic=False)
+    H = AttentionHessianLinearOperator(net, loss_func, params, data, check_deterministic=False)
+    t = time.perf_counter()
+    G @ v  # first product builds the per-batch cache
+    row["ggn_first"] = time.perf_counter() - t
+    row["ggn"], row["r_ggn"] = median_time(lambda: G @ v, repeats, gradient)
+    t = time.perf_counter()
+    H @ v
+    row["hess_first"] = time.perf_counter() - t
+    row["hess"], row["r_hess"] = median_time(lambda: H @ v, repeats, gradient)
+    return row
+
+
+def fmt_whole_model(rows):
+    """Products of the GGN / Hessian on ALL parameters of the GPT-2-style model, as ratios to one gradient."""
+    lines = ["| model | L | P (all) | gradient (converted / eager) | curvlinops GGN (eager) | ours GGN (first) "
+             "| curvlinops Hessian (eager) | ours Hessian (first) |", "|" + "---|" * 8]
+    for r in rows:
+        x = lambda k: f"{r[k] * 1e3:.1f} ms ({r['r_' + k]:.2f}×)"  # noqa: E731
+        lines.append(f"| GPT-2 ({r['layers']} layers, d={r['d']}, {r['heads']} heads, N={r['N']}) | {r['L']} | {r['P']} "
+                     f"| {r['grad'] * 1e3:.1f} ms (1×) / {x('grad_eager')} | {x('cl_ggn')} | "
+                     f"{x('ggn')} ({r['ggn_first'] * 1e3:.0f} ms) | {x('cl_hess')} | "
+                     f"{x('hess')} ({r['hess_first'] * 1e3:.0f} ms) |")
+    return "\n".join(lines)
+
+
+def fmt_whole_model_targets(rows):
+    ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+    out = ["", "Whole-model targets (GPT-2-style, all parameters): GGN-vector product ≤ 1.5× a gradient, "
+           "Hessian ≤ 2.5×.", ""]
+    for r in rows:
+        out.append(f"- L={r['L']}: GGN {r['r_ggn']:.2f}× ({ok(r['r_ggn'] <= 1.5)}; curvlinops {r['r_cl_ggn']:.2f}×), "
+                   f"Hessian {r['r_hess']:.2f}× ({ok(r['r_hess'] <= 2.5)}; curvlinops {r['r_cl_hess']:.2f}×)")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds; prints only")
@@ -239,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--eig-tol", type=float, default=1e-3)
     ap.add_argument("--eig-repeats", type=int, default=5, help="interleaved eigsh runs per operator (median)")
     ap.add_argument("--output", default="docs/benchmarks.md")
+    ap.add_argument("--only", choices=["attention", "whole-model"], default=None,
+                    help="run one part only (prints, writes nothing)")
     args = ap.parse_args(argv)
     if args.eig_repeats < 1:
         ap.error(f"--eig-repeats must be >= 1, got {args.eig_repeats}")
@@ -249,13 +354,29 @@ def main(argv=None):
     else:
         cfg = dict(N=32, d=64, heads=4, layers=args.layers, repeats=args.repeats)
         lengths = args.lengths
-    rows = []
-    for L in lengths:
-        rows.append(run(L, eig_k=args.eig_k, eig_tol=args.eig_tol,
-                        eig_repeats=1 if args.quick else args.eig_repeats, **cfg))
-        print(fmt_table(rows[-1:]), flush=True)
-        print(fmt_eigsh(rows[-1:], args.eig_k), flush=True)
-    table = fmt_table(rows) + "\n\n" + fmt_eigsh(rows, args.eig_k)
+    rows, whole = [], []
+    if args.only != "whole-model":
+        for L in lengths:
+            rows.append(run(L, eig_k=args.eig_k, eig_tol=args.eig_tol,
+                            eig_repeats=1 if args.quick else args.eig_repeats, **cfg))
+            print(fmt_table(rows[-1:]), flush=True)
+            print(fmt_eigsh(rows[-1:], args.eig_k), flush=True)
+    if args.only != "attention":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("whole-model row skipped: transformers is not installed")
+        else:
+            for L in lengths:
+                whole.append(run_whole_model(L, N=cfg["N"], d=cfg["d"], heads=cfg["heads"], layers=args.layers,
+                                             repeats=cfg["repeats"]))
+                print(fmt_whole_model(whole[-1:]), flush=True)
+    table = ""
+    if rows:
+        table = fmt_table(rows) + "\n\n" + fmt_eigsh(rows, args.eig_k)
+    if whole:
+        table += ("\n\n" if table else "") + "Whole model, GPT-2-style (HuggingFace GPT2LMHeadModel, converted; ALL " \
+                 "parameters; curvlinops on the unconverted model with eager attention):\n\n" + fmt_whole_model(whole)
     info = (f"- command: `python benchmarks/operators.py{' --quick' if args.quick else ''}` "
             f"(threads={args.threads}, repeats={cfg['repeats']}, eigsh tol={args.eig_tol}, fixed v0, "
             f"eigsh times: median of {1 if args.quick else args.eig_repeats} interleaved runs)\n"
@@ -266,14 +387,19 @@ def main(argv=None):
             f"N={cfg['N']}, float32, token-level CE; params = all attention parameters\n"
             "- curvlinops runs on the math SDPA kernel (MHA fast path off), once on a twin of the model with "
             "nn.MultiheadAttention (same weights; what curvlinops users have today) and once on our module "
-            "(where its forward-mode and backward passes already use our closed-form core derivatives)\n")
+            "(where its forward-mode and backward passes already use our closed-form core derivatives)\n"
+            f"- whole-model row: HuggingFace GPT2LMHeadModel from a config (n_embd={cfg['d']}, {cfg['heads']} heads, "
+            f"{args.layers} layers, vocabulary 16, N={cfg['N']}, float32, next-token CE), converted by convert_attention; "
+            "params = all parameters; gradient = all parameters of the converted model (fused kernel); curvlinops on "
+            "the unconverted model with attn_implementation=\"eager\" under the math SDPA kernel\n")
+    targets = (fmt_targets(rows) if rows else "") + (fmt_whole_model_targets(whole) if whole else "")
     print(table)
-    print(fmt_targets(rows))
-    if not args.quick:
+    print(targets)
+    if not args.quick and args.only is None:
         with open(args.output, "w") as f:
-            f.write("# Operator benchmarks\n\n" + info + "\n" + table + "\n" + fmt_targets(rows) + "\n")
+            f.write("# Operator benchmarks\n\n" + info + "\n" + table + "\n" + targets + "\n")
         print(f"wrote {args.output}")
-    return rows
+    return rows + whole
 
 
 if __name__ == "__main__":

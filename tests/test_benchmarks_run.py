@@ -16,6 +16,7 @@ def _run(*args):
 def test_operators_benchmark_quick():
     out = _run("benchmarks/operators.py", "--quick")
     assert "eigsh" in out and "curvlinops" in out
+    assert "Whole model, GPT-2-style" in out and "Whole-model targets" in out  # the HF GPT-2 row (tiny)
 
 
 def test_backpack_benchmark_tiny(tmp_path):
