@@ -114,6 +114,20 @@ def committed(name):
     return json.loads(path.read_text())
 
 
+def test_committed_growth_rates():
+    results = committed("growth_rates")
+    assert not results["quick"]
+    check_growth(results)
+    for name in ("softmax", "linear", "linear-nores", "softmax-preln", "linear-preln"):
+        assert (DOCS / "growth_rates" / f"growth_{name}.png").exists(), name
+
+
+def test_committed_spectra():
+    results = committed("spectra")
+    assert not results["config"]["quick"]
+    check_spectra(results, ("W_Q", "W_K", "W_V", "W_O"))
+
+
 def test_committed_cooccurrence_phases():
     results = committed("cooccurrence_phases")
     assert results["steps"] >= 10_000
