@@ -15,7 +15,6 @@ DT = torch.float64
 TOL = 1e-12
 
 
-
 @pytest.mark.parametrize("shape, affine", [((5,), True), ((3, 4), True), ((5,), False)])
 def test_jvp_by_double_vjp_and_hessian(shape, affine):
     g = torch.Generator().manual_seed(0)
@@ -24,6 +23,7 @@ def test_jvp_by_double_vjp_and_hessian(shape, affine):
         with torch.no_grad():
             ln.weight.copy_(torch.randn(shape, generator=g, dtype=DT))
             ln.bias.copy_(torch.randn(shape, generator=g, dtype=DT))
+    ln.requires_grad_(False)  # the cached node replaces torch's only when LN's parameters are fixed
     x = torch.randn(2, 3, *shape, generator=g, dtype=DT)
     dx = torch.randn_like(x)
     w = torch.randn_like(x)
@@ -46,6 +46,18 @@ def test_jvp_by_double_vjp_and_hessian(shape, affine):
     (Hdx,) = torch.autograd.grad(gx, xr, dx)
     H = hessian(lambda x: (w * f(x)).sum())(x).reshape(x.numel(), x.numel())
     assert rel_error(Hdx, (H @ dx.flatten()).reshape(x.shape)) < TOL
+
+
+def test_trainable_parameters_keep_torch_node():
+    ln = nn.LayerNorm(4, dtype=DT)
+    x = torch.randn(2, 4, dtype=DT, requires_grad=True)
+    with layer_norm_nodes(ln):
+        y = ln(x)
+    assert type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    ln.requires_grad_(False)
+    with layer_norm_nodes(ln):
+        y = ln(x)
+    assert type(y.grad_fn).__name__ == CachedLayerNorm.__name__ + "Backward"
 
 
 def test_input_without_graph_is_left_alone():
