@@ -8,6 +8,7 @@ from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHe
 from backpack_attention.spectra import attention_block_eigenvalues
 from backpack_attention.operators import AttentionEKFACLinearOperator, AttentionKFACLinearOperator
 from backpack_attention.kfac_quality import kfac_quality
+from backpack_attention._compat import torch_math_attention
 from backpack_attention.module import (
     MultiheadSelfAttention,
     SelfAttentionAdapter,
@@ -36,6 +37,7 @@ __all__ = [
     "extend",
     "extensions",
     "param_index",
+    "torch_math_attention",
 ]
 
 

@@ -9,11 +9,14 @@ subclass contract (``_matmat`` on tensor lists with a trailing column axis, ``SE
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Dict, List, Sequence, Union
 
+import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 with warnings.catch_warnings():
     # curvlinops imports linear_operator, which calls torch.jit.script at import time; recent torch
@@ -68,3 +71,19 @@ def curvlinops_operator(kind: str, model: nn.Module, loss_func, params, data, **
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
     return classes[kind](model, loss_func, to_curvlinops_params(model, params), data, **kwargs)
+
+
+@contextlib.contextmanager
+def torch_math_attention():
+    """Context in which torch's own attention (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``
+    and what calls it: HF ``sdpa``, timm ``fused_attn``) supports double backward and forward-mode
+    AD: the math SDPA kernel, and no ``nn.MultiheadAttention`` fast path (which eval mode takes).
+    What curvlinops' generic operators and ``torch.func`` references need on such models; this
+    package's own operators do not."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)

@@ -21,6 +21,8 @@ Everything is generated in code (no downloads), deterministic given a seed.
   All outputs are ready for ``nn.CrossEntropyLoss()`` except ``"logits"``.
 * :func:`language_model`: the BackPACK-ready preset of :class:`TinyTransformer` (pre-LN, GELU,
   no positions, no final LayerNorm, token or sequence readout).
+* :class:`LinearProjectionAttention`: a softmax attention layer as four ``nn.Linear`` projections
+  (what generic KFAC sees; the yardstick for ``kfac_approx="expand"/"reduce"``).
 * :func:`torch_twin`: a copy of any model with each :class:`MultiheadSelfAttention` computed by
   ``nn.MultiheadAttention`` (same weights, same masks, same outputs): the model a user without
   this package has.
@@ -35,6 +37,7 @@ is a chain of modules BackPACK knows, joined by plain tensor ops (residual ``+``
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Optional
 
@@ -285,6 +288,51 @@ class TorchSelfAttention(nn.Module):
         # is_causal is only a hint that mask is the causal mask (torch may then use a fused kernel)
         return self.mha(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, attn_mask=mask,
                         is_causal=self.causal and attn_mask is None)[0]
+
+
+class LinearProjectionAttention(nn.Module):
+    """A softmax :class:`MultiheadSelfAttention` computed from four ``nn.Linear`` projections ``q``,
+    ``k``, ``v``, ``o`` (copies of ``W_Q``, ``W_K``, ``W_V``, ``W_O`` and the biases; same outputs,
+    causal and ``key_padding_mask`` included): the layer as generic KFAC (curvlinops' and BackPACK's)
+    sees it, a chain of ``nn.Linear`` on ``[N, L, E]`` inputs.
+
+    :meth:`linear_params` lists the projections' parameters in the order of ``attn.parameters()``
+    (``W_Q, W_K, W_V``, then ``b_Q, b_K, b_V``, then ``o``'s weight and bias).
+    """
+
+    def __init__(self, attn: MultiheadSelfAttention):
+        super().__init__()
+        if attn.attention != "softmax":
+            raise ValueError(f"LinearProjectionAttention: only softmax attention, got attention={attn.attention!r}")
+        self.layout, self.causal = attn.layout, attn.causal
+        E, bias = attn.embed_dim, attn.bias
+        kw = dict(bias=bias, dtype=attn.in_proj_weight.dtype, device=attn.in_proj_weight.device)
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E, **kw) for _ in range(4))
+        flat = torch.cat([p.detach().reshape(-1) for p in attn.parameters()])
+        with torch.no_grad():
+            for lin, w, b in ((self.q, "W_Q", "b_Q"), (self.k, "W_K", "b_K"), (self.v, "W_V", "b_V")):
+                lin.weight.copy_(flat[self.layout.param_index(w)].view(E, E))
+                if bias:
+                    lin.bias.copy_(flat[self.layout.param_index(b)])
+            self.o.weight.copy_(attn.out_proj_weight)
+            if bias:
+                self.o.bias.copy_(attn.out_proj_bias)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        Q, K, V = (self.layout.split_heads(f(x)) for f in (self.q, self.k, self.v))
+        S = Q @ K.transpose(-1, -2) / math.sqrt(self.layout.head_dim)
+        if self.causal:
+            L = x.shape[1]
+            S = S.masked_fill(torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        if key_padding_mask is not None:
+            S = S.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return self.o(self.layout.merge_heads(S.softmax(-1) @ V))
+
+    def linear_params(self):
+        ps = [self.q.weight, self.k.weight, self.v.weight]
+        if self.q.bias is not None:
+            ps += [self.q.bias, self.k.bias, self.v.bias]
+        return ps + list(self.o.parameters())
 
 
 def torch_twin(model: nn.Module, seq_len: Optional[int] = None) -> nn.Module:

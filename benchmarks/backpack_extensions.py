@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ import warnings
 import torch
 from backpack import backpack
 from torch import nn
+
+from common import load_average, machine_line
 
 import backpack_attention.extensions as bae
 from backpack_attention.backpack_ext import extend
@@ -61,16 +62,7 @@ def step(model, loss_func, X, Y, make_ext) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); Python "
-            f"{platform.python_version()}; 1-min load average at start {load:.2f}")
+    return f"{machine_line()}; 1-min load average at start {load_average():.2f}"
 
 
 def main(argv=None):

@@ -42,6 +42,8 @@ from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import load_average, machine_line
+
 from backpack_attention import MultiheadSelfAttention, attention_factors
 from backpack_attention.derivatives.blocks import HessianBlocks
 
@@ -64,17 +66,6 @@ def timed(f, repeats: int, warmup: bool = True):
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def problem(d: int, heads: int, L: int, N: int, seed: int = 0):
@@ -209,10 +200,8 @@ def table(res: dict) -> str:
 
 
 def report(res: dict, command: str) -> str:
-    c, e, t = res["config"], res["err"], res["times"]
-    machine = (f"{cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch.get_num_threads() = "
-               f"{torch.get_num_threads()}, torch {torch.__version__}, Python {platform.python_version()}, "
-               f"{platform.system()} {platform.machine()}")
+    c, e = res["config"], res["err"]
+    machine = f"{machine_line()}, {platform.system()} {platform.machine()}"
     notes = [
         f"- Command: `{command}`",
         f"- Date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}",
@@ -275,9 +264,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     command = "python benchmarks/blocks.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load0 = load_average()
     res = run(args)
-    res["load"] = (load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+    res["load"] = (load0, load_average())
     text = report(res, command.strip())
     print(text)
     print(f"max relative error: {res['max_rel_err']:.3e}")

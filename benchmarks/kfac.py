@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import platform
 import statistics
-import time
 import warnings
 
 import torch
@@ -42,42 +40,10 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
 
 import backpack_attention as ba  # noqa: E402
 from backpack_attention._compat import CURVLINOPS_VERSION  # noqa: E402
-from backpack_attention.models import TinyTransformer, default_problem  # noqa: E402
+from backpack_attention.models import LinearProjectionAttention, TinyTransformer, default_problem  # noqa: E402
 
+from common import load_average, load_warning, machine_line, median_time, timed_once  # noqa: E402
 from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator  # noqa: E402
-
-
-class LinearTwinAttention(nn.Module):
-    """Our attention layer computed from ``nn.Linear`` q/k/v/o projections (same weights)."""
-
-    def __init__(self, attn: ba.MultiheadSelfAttention):
-        super().__init__()
-        self.layout, self.causal = attn.layout, attn.causal
-        E, bias = attn.embed_dim, attn.bias
-        kw = dict(bias=bias, dtype=attn.in_proj_weight.dtype)
-        self.q, self.k, self.v, self.o = (nn.Linear(E, E, **kw) for _ in range(4))
-        flat = torch.cat([p.detach().reshape(-1) for p in attn.parameters()])
-        with torch.no_grad():
-            for lin, w, b in ((self.q, "W_Q", "b_Q"), (self.k, "W_K", "b_K"), (self.v, "W_V", "b_V")):
-                lin.weight.copy_(flat[self.layout.param_index(w)].view(E, E))
-                if bias:
-                    lin.bias.copy_(flat[self.layout.param_index(b)])
-            self.o.weight.copy_(attn.out_proj_weight)
-            if bias:
-                self.o.bias.copy_(attn.out_proj_bias)
-
-    def forward(self, x, key_padding_mask=None):
-        Q, K, V = (self.layout.split_heads(f(x)) for f in (self.q, self.k, self.v))
-        S = Q @ K.transpose(-1, -2) / math.sqrt(self.layout.head_dim)
-        if self.causal:
-            S = S.masked_fill(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
-        return self.o(self.layout.merge_heads(S.softmax(-1) @ V))
-
-    def kfac_params(self):
-        ps = [self.q.weight, self.k.weight, self.v.weight]
-        if self.q.bias is not None:
-            ps += [self.q.bias, self.k.bias, self.v.bias]
-        return ps + list(self.o.parameters())
 
 
 class Flat(nn.Module):
@@ -102,28 +68,13 @@ def problem(L: int, N: int, d: int, heads: int, layers: int = 2, vocab: int = 16
     params = [p for n, p in model.named_parameters() if ".ln" not in n and not n.startswith(("embed", "pos", "ln"))]
     twin_model = copy.deepcopy(model)
     for b_t, b in zip(twin_model.blocks, model.blocks):
-        b_t.attn = LinearTwinAttention(b.attn)
+        b_t.attn = LinearProjectionAttention(b.attn)
     twin_params = []
     for b in twin_model.blocks:
-        twin_params += b.attn.kfac_params() + list(b.mlp.parameters())
+        twin_params += b.attn.linear_params() + list(b.mlp.parameters())
     twin_params += list(twin_model.unembed.parameters())
     assert sum(p.numel() for p in twin_params) == sum(p.numel() for p in params)
     return flat, Flat(twin_model), nn.CrossEntropyLoss(), params, twin_params, [(X, y)]
-
-
-def timed(f, repeats: int, reference):
-    """Median of ``time(f)`` and of ``time(f) / time(reference)`` (timed back to back)."""
-    f()  # warm-up
-    ts, ratios = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        reference()
-        tr = time.perf_counter() - t
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-        ratios.append(ts[-1] / tr)
-    return statistics.median(ts), statistics.median(ratios)
 
 
 def run_sizes(Ls, N, d, heads, repeats, damping, fisher_types):
@@ -177,8 +128,8 @@ def run_sizes(Ls, N, d, heads, repeats, damping, fisher_types):
                 methods[name] = (build, apply)
             res = {}
             for name, (build, apply) in methods.items():
-                tb, rb = timed(build, repeats, gradient)
-                ta, ra = timed(apply, repeats, gradient)
+                tb, rb = median_time(build, repeats, gradient)
+                ta, ra = median_time(apply, repeats, gradient)
                 res[name] = (tb, rb, ta, ra)
             # sanity: our expand KFAC = curvlinops' KFAC on the twin (one product, float32)
             ours = ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="expand", **kw)
@@ -194,12 +145,6 @@ def run_sizes(Ls, N, d, heads, repeats, damping, fisher_types):
     return rows
 
 
-def timed_once(f):
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
-
-
 def quality(N: int, d: int, heads: int):
     """kfac_quality on the built-in small problem (1 layer, addition task, CE on the answers)."""
     model, loss_func, (X, y) = default_problem(num_sequences=N, d_model=d, num_heads=heads)
@@ -211,18 +156,15 @@ def markdown(rows, q, args) -> str:
     lines = ["# KFAC benchmarks", "",
              f"- command: `python benchmarks/kfac.py` (threads={torch.get_num_threads()}, repeats={args.repeats}, "
              f"damping={args.damping})",
-             f"- machine: {platform.machine()}, {platform.platform()}; load average at the end "
-             f"{os.getloadavg()[0]:.1f} (a shared machine: absolute times scale with the load, ratios less so)",
+             f"- machine: {machine_line()}; load average at the end "
+             f"{load_average():.1f} (a shared machine: absolute times scale with the load, ratios less so)",
              f"- versions: python {platform.python_version()}, torch {torch.__version__}, curvlinops {CURVLINOPS_VERSION}",
              f"- model: 2-block pre-LN TinyTransformer, d={args.d}, {args.heads} heads, N={args.N}, float32, token-level CE "
              "(logits flattened to [N L, C]); params = every attention and nn.Linear parameter; curvlinops on the "
              "nn.Linear twin (q/k/v/o projections), kfac_approx='expand'",
              "- build = factors (+ EKFAC corrections) + damped inverse; apply = one damped-inverse product with the "
              "gradient; both as multiples of one gradient (loss + backward, same parameters)", ""]
-    if os.getloadavg()[0] > torch.get_num_threads():
-        lines += [f"**Warning: this run shared the machine with other work (load average {os.getloadavg()[0]:.1f} on "
-                  f"{os.cpu_count()} cores); times vary by several × between repeats and the verdicts below are "
-                  "not reliable. Rerun on a quiet machine before quoting them.**", ""]
+    lines += load_warning(load_average())
     lines.append("| L | fisher | P | gradient | method | build | build (× grad) | apply | apply (× grad) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for L, ft, P, tg, res, check in rows:

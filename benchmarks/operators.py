@@ -27,7 +27,6 @@ with a note if it is missing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import time
@@ -36,23 +35,12 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from backpack_attention._compat import CURVLINOPS_VERSION, curvlinops_operator
+from common import load_average, machine_line, median_time
+
+from backpack_attention._compat import CURVLINOPS_VERSION, curvlinops_operator, torch_math_attention
 from backpack_attention.models import TinyTransformer, torch_twin
 from backpack_attention.operators import AttentionGGNLinearOperator, AttentionHessianLinearOperator
-
-
-@contextlib.contextmanager
-def torch_math():
-    """What curvlinops needs on nn.MultiheadAttention: the math SDPA kernel, no MHA fast path."""
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
 
 
 def problem(L: int, N: int, d: int, heads: int, layers: int, vocab: int = 16):
@@ -63,26 +51,6 @@ def problem(L: int, N: int, d: int, heads: int, layers: int, vocab: int = 16):
     y = torch.randint(0, vocab, (N, L))
     params = [p for a in model.attention_layers() for p in a.parameters()]
     return model, nn.CrossEntropyLoss(), params, [(X, y)]
-
-
-def median_time(f, repeats: int, reference=None):
-    """Median time of ``f`` after a warm-up; with ``reference`` (a function), also the median of
-    the per-repeat ratios ``time(f) / time(reference)``, timed back to back (robust to load drift)."""
-    f()  # warm-up
-    ts, ratios = [], []
-    for _ in range(repeats):
-        if reference is not None:
-            t = time.perf_counter()
-            reference()
-            tr = time.perf_counter() - t
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-        if reference is not None:
-            ratios.append(ts[-1] / tr)
-    if reference is None:
-        return statistics.median(ts)
-    return statistics.median(ts), statistics.median(ratios)
 
 
 def eigsh_run(op, v0, k, tol, ctx=None):
@@ -112,7 +80,7 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh
     twin_layers = [list(a.parameters()) for a in twin.attention_layers()]
     twin_params = [p for ps in twin_layers for p in ps]
     (X, y), = data
-    with torch.no_grad(), torch_math():  # the twin computes the same function
+    with torch.no_grad(), torch_math_attention():  # the twin computes the same function
         assert torch.allclose(model(X), twin(X), atol=1e-4), "nn.MultiheadAttention twin differs"
     P = sum(p.numel() for p in params)
     v = torch.randn(P, generator=torch.Generator().manual_seed(0))
@@ -132,7 +100,7 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh
     row["fwd"] = median_time(forward, repeats)
     row["grad_torch"], row["r_grad_torch"] = median_time(gradient_torch, repeats, gradient)
     for key, net, ps in (("clt", twin, twin_params), ("cl", model, params)):
-        with torch_math():
+        with torch_math_attention():
             Gc = curvlinops_operator("ggn", net, loss_func, ps, data, check_deterministic=False)
             Hc = curvlinops_operator("hessian", net, loss_func, ps, data, check_deterministic=False)
             row[f"{key}_ggn"], row[f"r_{key}_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
@@ -163,10 +131,10 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh
                 runs["ours"].append(eigsh_run(Gk, v0, eig_k, eig_tol))  # includes building the cache
                 fwd_units["ours"].append(runs["ours"][-1][0] / runs["ours"][-1][1] / f)
                 for key, net, ps_ in (("clt", twin, tps), ("cl", model, ps)):
-                    with torch_math():
+                    with torch_math_attention():
                         Gck = curvlinops_operator("ggn", net, loss_func, ps_, data, check_deterministic=False)
                     f = median_time(forward, 3)
-                    runs[key].append(eigsh_run(Gck, v0, eig_k, eig_tol, ctx=torch_math))
+                    runs[key].append(eigsh_run(Gck, v0, eig_k, eig_tol, ctx=torch_math_attention))
                     if key in fwd_units:
                         fwd_units[key].append(runs[key][-1][0] / runs[key][-1][1] / f)
             res = {"label": label, "P": Pk}
@@ -276,7 +244,7 @@ def run_whole_model(L, N, d, heads, layers, repeats):
     net, eager, loss_func, data = gpt2_problem(L, N, d, heads, layers)
     (X, y), = data
     params, eager_params = list(net.parameters()), list(eager.parameters())
-    with torch.no_grad(), torch_math():
+    with torch.no_grad(), torch_math_attention():
         assert torch.allclose(net(X), eager(X), atol=1e-4), "converted GPT-2 differs from the eager one"
     P = sum(p.numel() for p in params)
     v = torch.randn(P, generator=torch.Generator().manual_seed(0))
@@ -290,7 +258,7 @@ def run_whole_model(L, N, d, heads, layers, repeats):
 
     row["grad"] = median_time(gradient, repeats)
     row["grad_eager"], row["r_grad_eager"] = median_time(gradient_eager, repeats, gradient)
-    with torch_math():
+    with torch_math_attention():
         Gc = curvlinops_operator("ggn", eager, loss_func, eager_params, data, check_deterministic=False)
         Hc = curvlinops_operator("hessian", eager, loss_func, eager_params, data, check_deterministic=False)
         row["cl_ggn"], row["r_cl_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
@@ -355,6 +323,7 @@ def main(argv=None):
         cfg = dict(N=32, d=64, heads=4, layers=args.layers, repeats=args.repeats)
         lengths = args.lengths
     rows, whole = [], []
+    load0 = load_average()
     if args.only != "whole-model":
         for L in lengths:
             rows.append(run(L, eig_k=args.eig_k, eig_tol=args.eig_tol,
@@ -380,8 +349,7 @@ def main(argv=None):
     info = (f"- command: `python benchmarks/operators.py{' --quick' if args.quick else ''}` "
             f"(threads={args.threads}, repeats={cfg['repeats']}, eigsh tol={args.eig_tol}, fixed v0, "
             f"eigsh times: median of {1 if args.quick else args.eig_repeats} interleaved runs)\n"
-            f"- machine: {platform.processor() or platform.machine()}, {platform.platform()}, "
-            f"torch.get_num_threads()={torch.get_num_threads()}\n"
+            f"- machine: {machine_line()}; load average at the start {load0:.1f}, at the end {load_average():.1f}\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, curvlinops {CURVLINOPS_VERSION}\n"
             f"- model: {cfg['layers']}-block pre-LN TinyTransformer, d={cfg['d']}, {cfg['heads']} heads, "
             f"N={cfg['N']}, float32, token-level CE; params = all attention parameters\n"

@@ -36,29 +36,13 @@ from datetime import datetime, timezone
 
 import torch
 
+from common import load_average, machine_line
+
 from backpack_attention import MultiheadSelfAttention
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                            "benchmarks_training_step.md")
 TARGET = 1.1
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "?"
 
 
 def make_steps(E: int, H: int, N: int, L: int, causal: bool, dtype, seed: int = 0):
@@ -118,7 +102,7 @@ def fmt(t: float) -> str:
 def run(args) -> str:
     dtype = getattr(torch, args.dtype)
     rows, verdicts = [], []
-    load0 = load()
+    load0 = f"{load_average():.1f}"
     for L in args.L:
         for causal in (True, False):
             med, low, err = run_case(args.E, args.heads, args.N, L, causal, dtype, args.repeats)
@@ -149,9 +133,7 @@ def run(args) -> str:
         f"({sum(verdicts)}/{len(verdicts)} rows).",
         "- Command: `python benchmarks/training_step.py" + (" --quick" if args.quick else "") + "`",
         f"- Date (UTC): {datetime.now(timezone.utc):%Y-%m-%d %H:%M}",
-        f"- Machine: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch.get_num_threads() = "
-        f"{torch.get_num_threads()}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.machine()}",
+        f"- Machine: {machine_line()}, {platform.system()} {platform.machine()}",
         "- Step: `x = randn(N, L, E)` requiring grad, forward, `out.backward(G)` for a fixed random `G`; "
         "gradients reset to `None` before each step. Ours: `MultiheadSelfAttention(E, H, causal=...)`; "
         "torch: `module.to_torch()` (same weights) called with `need_weights=False` and, for causal rows, "
@@ -159,7 +141,7 @@ def run(args) -> str:
         "full rows: no mask on either side.",
         f"- Times: median of {args.repeats} interleaved runs per variant (each repeat runs every variant "
         "once, in rotated order) after one warm-up run. 1-minute load average "
-        f"{load0} at the start and {load()} at the end (other jobs may share the machine: expect noise). "
+        f"{load0} at the start and {load_average():.1f} at the end (other jobs may share the machine: expect noise). "
         "*same, fastest runs*: the ratio of the fastest of the repeats of ours to the fastest of torch's "
         "(less sensitive to load from other processes, which only ever adds time).",
         "- grad rel. diff: max over parameters and input of max |ours - torch| / max |torch| (float32), "

@@ -61,11 +61,11 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import backpack_attention as ba
 from backpack_attention._compat import (CURVLINOPS_VERSION, SubmatrixLinearOperator, curvlinops_operator,
                                         hutchinson_trace)
+from backpack_attention import torch_math_attention
 from backpack_attention.adapters import converted_modules
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "real_models"
@@ -82,19 +82,6 @@ SIZES = {
     True: dict(E=8, heads=2, layers=2, N=4, L=8, img=8, patch=4, vocab=16, probes=16, k=2, tol=1e-8,
                blocks=("W_Q", "W_V")),
 }
-
-
-@contextlib.contextmanager
-def math_attention():
-    """What curvlinops needs on an unconverted model: the math SDPA kernel (forward-mode AD), no
-    ``nn.MultiheadAttention`` fast path."""
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
 
 
 class Logits(nn.Module):
@@ -286,7 +273,7 @@ def _ours(kind, p: Problem, params):
 
 
 def _theirs(kind, p: Problem, params):
-    with math_attention():
+    with torch_math_attention():
         return curvlinops_operator(kind, p.ref, p.loss_func, params, p.data, check_deterministic=False, **p.kwargs())
 
 
@@ -297,7 +284,7 @@ def _both(kind, p: Problem, names, compute):
     for side, make, which in (("ours", _ours, "ours"), ("curvlinops", _theirs, "ref")):
         t = time.perf_counter()
         op = make(kind, p, p.params(which, names))
-        with (math_attention() if side == "curvlinops" else contextlib.nullcontext()):
+        with (torch_math_attention() if side == "curvlinops" else contextlib.nullcontext()):
             res[side] = compute(op)
         res[f"t_{side}"] = time.perf_counter() - t
     return res
@@ -308,7 +295,7 @@ def hvp_double_backward(p: Problem, V: torch.Tensor) -> torch.Tensor:
     reverse: right through LayerNorm), one batched backward pass through the gradient graph."""
     params = p.params("ref")
     (X, y), = p.data
-    with math_attention():
+    with torch_math_attention():
         grads = torch.autograd.grad(p.loss_func(p.ref(X), y), params, create_graph=True)
         flat = torch.cat([t.reshape(-1) for t in grads])
         rows = torch.autograd.grad(flat, params, V.T.contiguous(), is_grads_batched=True, allow_unused=True)
@@ -336,7 +323,7 @@ def study(p: Problem, quick: bool, log=print) -> dict:
     res = {"name": p.name, "title": p.title, "P": P, "converted": p.converted,
            "layernorm_weights": sum(q.numel() for q in p.params("ours", p.norm_weights))}
     (X, y), = p.data
-    with math_attention():  # same function
+    with torch_math_attention():  # same function
         res["output_rel_diff"] = _rel(p.ours(X).detach(), p.ref(X).detach())
 
     def gradient():
@@ -373,7 +360,7 @@ def study(p: Problem, quick: bool, log=print) -> dict:
             t0 = time.perf_counter()
             op = make("hessian", p, p.params(which, names))
             for b, idx in blocks.items():
-                with (math_attention() if side == "curvlinops" else contextlib.nullcontext()):
+                with (torch_math_attention() if side == "curvlinops" else contextlib.nullcontext()):
                     sub = SubmatrixLinearOperator(op, idx.tolist(), idx.tolist())
                     top, mv, method = _block_top(sub, tol)
                 row = next((r for r in res["blocks"] if r["layer"] == label and r["block"] == b), None)
@@ -412,7 +399,7 @@ def study(p: Problem, quick: bool, log=print) -> dict:
 
 def _run_theirs_mv(kind, p: Problem, V):
     op = _theirs(kind, p, p.params("ref"))
-    with math_attention():
+    with torch_math_attention():
         return op @ V
 
 

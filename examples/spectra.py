@@ -38,26 +38,14 @@ import numpy as np
 import torch
 from curvlinops import GGNLinearOperator, HessianLinearOperator, LanczosApproximateSpectrumCached, SubmatrixLinearOperator
 from scipy.sparse.linalg import LinearOperator, eigsh
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import backpack_attention as ba
+from backpack_attention import torch_math_attention
 from backpack_attention.models import default_problem, torch_twin
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "spectra"
 CURVATURES = ("GGN", "Hessian")
 BOTTOM_TOL = 1e-4  # relative to the largest eigenvalue
-
-
-@contextlib.contextmanager
-def math_kernel():
-    """What curvlinops needs on nn.MultiheadAttention: the math SDPA kernel and no MHA fast path."""
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
 
 
 def layer_operator(impl, curvature, model, twin, loss_func, data, layer, weight):
@@ -72,8 +60,8 @@ def layer_operator(impl, curvature, model, twin, loss_func, data, layer, weight)
     mha = twin.attention_layers()[layer].mha
     p = mha.in_proj_weight if weight == "in" else mha.out_proj.weight
     cls = GGNLinearOperator if curvature == "GGN" else HessianLinearOperator
-    with math_kernel():
-        return cls(twin, loss_func, [p], data, check_deterministic=False), math_kernel
+    with torch_math_attention():
+        return cls(twin, loss_func, [p], data, check_deterministic=False), torch_math_attention
 
 
 def block_operator(impl, curvature, model, twin, loss_func, data, layer, block):
@@ -147,7 +135,7 @@ def run(args, log=print) -> dict:
     data = [(X, y)]
     blocks = ("W_Q", "W_V") if args.quick else ("W_Q", "W_K", "W_V", "W_O")
     layers = len(model.attention_layers())
-    with torch.no_grad(), math_kernel():
+    with torch.no_grad(), torch_math_attention():
         gap = (model(X) - twin(X)).abs().max().item()
     log(f"model: {layers} layer(s), d_model {model.embed.embedding_dim}, "
         f"{model.attention_layers()[0].num_heads} heads, {len(X)} sequences; max |ours - twin| output {gap:.1e}")

@@ -35,14 +35,12 @@ def batch_weights(loss_func, batches, num_data=None):
     return [ci / sum(c) for ci in c]
 
 
-def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
-    """``(H, GGN)`` of the empirical risk w.r.t. ``params`` (concatenated, row-major) by ``torch.func``
-    (forward-over-reverse: wrong through ``layer_norm`` parameters in torch 2.13/2.14)."""
+def flat_parametrization(model, params):
+    """``(unflatten, flat0)``: ``params`` concatenated row-major into ``flat0``, and the map from such
+    a flat vector to the model's full parameter dict (for ``functional_call``)."""
     names = []  # in the order of `params`
     for q in params:
-        for n, p in model.named_parameters():
-            if p is q:
-                names.append(n)
+        names.extend(n for n, p in model.named_parameters() if p is q)
     base = {n: p.detach() for n, p in model.named_parameters()}
     sizes = [base[n].numel() for n in names]
 
@@ -53,7 +51,13 @@ def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
             i += s
         return ps
 
-    flat0 = torch.cat([base[n].flatten() for n in names])
+    return unflatten, torch.cat([base[n].flatten() for n in names])
+
+
+def dense_hessian_and_ggn(model, loss_func, params, batches, num_data=None):
+    """``(H, GGN)`` of the empirical risk w.r.t. ``params`` (concatenated, row-major) by ``torch.func``
+    (forward-over-reverse: wrong through ``layer_norm`` parameters in torch 2.13/2.14)."""
+    unflatten, flat0 = flat_parametrization(model, params)
     H = G = 0
     with sdpa_kernel(SDPBackend.MATH):
         for (X, y), w in zip(batches, batch_weights(loss_func, batches, num_data)):
@@ -105,20 +109,7 @@ def dense_hessian_double_backward(model, loss_func, params, batches, num_data=No
 def dense_ggn(model, loss_func, params, batches, num_data=None):
     """GGN ``sum_n J_n^T Lambda_n J_n`` by reverse mode only (``jacrev``; right through LayerNorm)."""
     G = 0
-    names = []
-    for q in params:
-        names.extend(n for n, p in model.named_parameters() if p is q)
-    base = {n: p.detach() for n, p in model.named_parameters()}
-    sizes = [base[n].numel() for n in names]
-
-    def unflatten(flat):
-        ps, i = dict(base), 0
-        for n, s in zip(names, sizes):
-            ps[n] = flat[i : i + s].view_as(base[n])
-            i += s
-        return ps
-
-    flat0 = torch.cat([base[n].flatten() for n in names])
+    unflatten, flat0 = flat_parametrization(model, params)
     with sdpa_kernel(SDPBackend.MATH):
         for (X, y), w in zip(batches, batch_weights(loss_func, batches, num_data)):
             out_fn = lambda flat: functional_call(model, unflatten(flat), (X,))  # noqa: E731

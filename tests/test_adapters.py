@@ -8,6 +8,7 @@ import the helpers below (``check_conversion``, ``check_operators``).
 from __future__ import annotations
 
 import copy
+import re
 import math
 import pickle
 import threading
@@ -105,6 +106,20 @@ def assert_untouched(model, snapshot):
     assert [n for n, _ in model.named_modules()] == [n for n, _ in snapshot.named_modules()]
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert not hasattr(model, "_backpack_attention_converted")
+
+
+def check_dropout_refused(model, call, name: str, p: float):
+    """A model in training mode whose attention ``name`` (a regex of ``"path (Class)"``) has dropout
+    ``p``: conversion refuses it and leaves it untouched; converted in eval mode, a call in training
+    mode refuses it."""
+    snapshot = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=name + r": attention dropout p=" + re.escape(str(p))):
+        ba.convert_attention(model)
+    assert_untouched(model, snapshot)
+    ba.convert_attention(model.eval())
+    model.train()
+    with pytest.raises(ValueError, match=name + r": attention dropout"):
+        call(model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch import nn
 
 import backpack_attention as ba
 from backpack_attention.adapters import converted_modules
-from test_adapters import DT, assert_untouched, check_conversion, check_operators, perturb_norms
+from test_adapters import DT, assert_untouched, check_conversion, check_dropout_refused, check_operators, perturb_norms
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -55,15 +55,8 @@ def test_unfused_attention_is_switched():
 
 
 def test_attention_dropout_in_training_is_refused():
-    model = _vit(seed=3, depth=1, attn_drop_rate=0.1).train()
-    snapshot = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\): attention dropout p=0\.1"):
-        ba.convert_attention(model)
-    assert_untouched(model, snapshot)
-    ba.convert_attention(model.eval())
-    model.train()
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\): attention dropout"):
-        model(PIXELS)
+    check_dropout_refused(_vit(seed=3, depth=1, attn_drop_rate=0.1).train(), lambda m: m(PIXELS),
+                          r"blocks\.0\.attn \(Attention\)", 0.1)
 
 
 def test_rotary_attention_is_refused():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 
 import torch
 
@@ -17,6 +18,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "blocks.py")
 
 
 def load_script():
+    if os.path.dirname(SCRIPT) not in sys.path:  # as when run as a script: benchmarks/ is on sys.path
+        sys.path.insert(0, os.path.dirname(SCRIPT))
     spec = importlib.util.spec_from_file_location("benchmark_blocks_script", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -12,7 +12,6 @@ References, all independent of the operator's factor code:
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import backpack_attention as ba
+from backpack_attention.models import LinearProjectionAttention
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore")
@@ -58,47 +58,15 @@ class Net(nn.Module):
         return h.transpose(1, 2) if self.ce and not self.pool else h
 
 
-class LinearTwinAttention(nn.Module):
-    """The same attention from ``nn.Linear`` q/k/v/o projections (what curvlinops' KFAC can see)."""
-
-    def __init__(self, attn: ba.MultiheadSelfAttention):
-        super().__init__()
-        self.layout, self.causal = attn.layout, attn.causal
-        bias = attn.bias
-        self.q, self.k, self.v, self.o = (nn.Linear(E, E, bias=bias, dtype=DT) for _ in range(4))
-        flat_w = attn.in_proj_weight.detach().reshape(-1)
-        with torch.no_grad():
-            for lin, w, b in ((self.q, "W_Q", "b_Q"), (self.k, "W_K", "b_K"), (self.v, "W_V", "b_V")):
-                lin.weight.copy_(flat_w[self.layout.param_index(w)].view(E, E))
-                if bias:
-                    lin.bias.copy_(torch.cat([p.detach().reshape(-1) for p in attn.parameters()])[self.layout.param_index(b)])
-            self.o.weight.copy_(attn.out_proj_weight)
-            if bias:
-                self.o.bias.copy_(attn.out_proj_bias)
-
-    def forward(self, x, key_padding_mask=None):
-        Q, K, V = (self.layout.split_heads(f(x)) for f in (self.q, self.k, self.v))
-        S = Q @ K.transpose(-1, -2) / math.sqrt(self.layout.head_dim)
-        if self.causal:
-            S = S.masked_fill(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
-        if key_padding_mask is not None:
-            S = S.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        return self.o(self.layout.merge_heads(S.softmax(-1) @ V))
-
-
 def twin(model: Net) -> Net:
     t = copy.deepcopy(model)
-    t.attn = LinearTwinAttention(model.attn)
+    t.attn = LinearProjectionAttention(model.attn)
     return t
 
 
 def twin_params(t: Net):
     """Twin parameters in the flat order of ``list(model.parameters())``."""
-    a = t.attn
-    ps = [a.q.weight, a.k.weight, a.v.weight]
-    if a.q.bias is not None:
-        ps += [a.q.bias, a.k.bias, a.v.bias]
-    ps += [p for p in a.o.parameters()]
+    ps = t.attn.linear_params()
     for m in (t.mlp, t.readout):
         if m is not None:
             ps += list(m.parameters())

@@ -109,6 +109,38 @@ def _all_reduce_int(n: int, device) -> int:
     return int(t.item())
 
 
+def batch_size(X, batch_size_fn: Optional[Callable] = None) -> int:
+    """Number of samples in a batch ``X`` (``batch_size_fn(X)`` where given, else ``X.shape[0]``)."""
+    if batch_size_fn is not None:
+        return batch_size_fn(X)
+    if isinstance(X, MutableMapping):
+        raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
+    return X.shape[0]
+
+
+def check_batch(X, y, batch_size_fn: Optional[Callable], device, dtype) -> None:
+    """The checks every operator runs on a batch ``(X, y)`` of its data before any work: tensors
+    (or dict-like ``X`` with a ``batch_size_fn``), on the parameters' device, non-empty, and of the
+    parameters' floating dtype."""
+    if isinstance(X, MutableMapping):
+        if batch_size_fn is None:
+            raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
+        return
+    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"data must yield (X, y) tensor pairs, got ({type(X).__name__}, {type(y).__name__})")
+    if X.device != device or y.device != device:
+        raise ValueError(
+            f"data is on ({X.device}, {y.device}) but the parameters are on {device}; "
+            "move the data (or the model) so that they match"
+        )
+    if X.dim() == 0 or X.shape[0] == 0:
+        raise ValueError(f"data: a batch X of shape {list(X.shape)} has no samples; drop empty batches")
+    if X.is_floating_point() and X.dtype != dtype:
+        raise ValueError(f"data X has dtype {X.dtype} but the parameters have {dtype}; cast one of them")
+    if y.is_floating_point() and y.dtype != dtype:
+        raise ValueError(f"data y has dtype {y.dtype} but the parameters have {dtype}; cast one of them")
+
+
 class ModelState:
     """What a cache depends on: every parameter and buffer of the model, by version counter and data
     pointer (no host synchronisation), and on the CPU by value too (``p.data`` writes, e.g. an EMA
@@ -229,30 +261,10 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
 
     # -- data ----------------------------------------------------------------------------------
     def _batch_size(self, X) -> int:
-        if self._batch_size_fn is not None:
-            return self._batch_size_fn(X)
-        if isinstance(X, MutableMapping):
-            raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
-        return X.shape[0]
+        return batch_size(X, self._batch_size_fn)
 
     def _check_batch(self, X, y) -> None:
-        if isinstance(X, MutableMapping):
-            if self._batch_size_fn is None:
-                raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
-            return
-        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(f"data must yield (X, y) tensor pairs, got ({type(X).__name__}, {type(y).__name__})")
-        if X.device != self._device or y.device != self._device:
-            raise ValueError(
-                f"data is on ({X.device}, {y.device}) but the parameters are on {self._device}; "
-                "move the data (or the model) so that they match"
-            )
-        if X.dim() == 0 or X.shape[0] == 0:
-            raise ValueError(f"data: a batch X of shape {list(X.shape)} has no samples; drop empty batches")
-        if X.is_floating_point() and X.dtype != self._dtype:
-            raise ValueError(f"data X has dtype {X.dtype} but the parameters have {self._dtype}; cast one of them")
-        if y.is_floating_point() and y.dtype != self._dtype:
-            raise ValueError(f"data y has dtype {y.dtype} but the parameters have {self._dtype}; cast one of them")
+        check_batch(X, y, self._batch_size_fn, self._device, self._dtype)
 
     def _denominator(self, X, y) -> float:
         return mean_denominator(self._loss_func, self._batch_size(X), y)

@@ -28,7 +28,6 @@ operator (or call ``compute_kronecker_factors()``) after the parameters change.
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -40,7 +39,7 @@ from backpack_attention.checks import check_no_randomness, check_precision, chec
 from backpack_attention.derivatives import kfac as kmath
 from backpack_attention.layout import PARAM_NAMES
 from backpack_attention.module import MultiheadSelfAttention, call_arguments
-from backpack_attention.operators.base import _RequiresGrad, _normal
+from backpack_attention.operators.base import _RequiresGrad, _normal, batch_size, check_batch
 
 __all__ = ["AttentionKFACLinearOperator", "AttentionEKFACLinearOperator", "KroneckerBlock"]
 
@@ -295,25 +294,10 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
 
     # -- data ----------------------------------------------------------------------------------
     def _batch_size(self, X) -> int:
-        if self._batch_size_fn is not None:
-            return self._batch_size_fn(X)
-        if isinstance(X, MutableMapping):
-            raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
-        return X.shape[0]
+        return batch_size(X, self._batch_size_fn)
 
     def _check_batch(self, X, y) -> None:
-        if isinstance(X, MutableMapping):
-            if self._batch_size_fn is None:
-                raise ValueError("data yields dict-like X: pass batch_size_fn (as for curvlinops)")
-            return
-        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(f"data must yield (X, y) tensor pairs, got ({type(X).__name__}, {type(y).__name__})")
-        if X.device != self._device or y.device != self._device:
-            raise ValueError(f"data is on ({X.device}, {y.device}) but the parameters are on {self._device}")
-        if X.dim() == 0 or X.shape[0] == 0:
-            raise ValueError(f"data: a batch X of shape {list(X.shape)} has no samples; drop empty batches")
-        if X.is_floating_point() and X.dtype != self._dtype:
-            raise ValueError(f"data X has dtype {X.dtype} but the parameters have {self._dtype}; cast one of them")
+        check_batch(X, y, self._batch_size_fn, self._device, self._dtype)
 
     def _check_deterministic(self, X, y) -> None:
         with torch.no_grad():
