@@ -25,12 +25,21 @@ def _bool_mask(mask, name: str):
     """torch's float masks (0 = keep, -inf = mask out), as nn.TransformerEncoderLayer passes them, to bool."""
     if mask is None or not isinstance(mask, Tensor) or mask.dtype == torch.bool:
         return mask
-    if not mask.is_floating_point() or not bool(((mask == 0) | (mask == float("-inf"))).all()):
-        raise ValueError(
-            f"{name} must be bool (True = masked) or float with entries 0 and -inf; "
-            "additive attention biases are not supported"
-        )
+    msg = (f"{name} must be bool (True = masked) or float with entries 0 and -inf; "
+           "additive attention biases are not supported")
+    if not mask.is_floating_point() or not check_on_device(((mask == 0) | (mask == float("-inf"))).all(), msg):
+        raise ValueError(msg)
     return mask == float("-inf")
+
+
+def check_on_device(condition: Tensor, message: str) -> bool:
+    """``bool(condition)`` for a one-element tensor on the CPU. On an accelerator, no host
+    synchronisation: an asynchronous device assertion with ``message`` (it fails at a later kernel
+    launch and, as any device-side assert, leaves the CUDA context unusable) and ``True``."""
+    if condition.device.type == "cpu":
+        return bool(condition)
+    torch._assert_async(condition, message)
+    return True
 
 
 def call_arguments(args: tuple, kwargs: dict):
@@ -150,7 +159,8 @@ class MultiheadSelfAttention(nn.Module):
     def allowed_mask(self, x: Tensor, key_padding_mask=None, attn_mask=None) -> Optional[Tensor]:
         """Boolean mask ``[N or 1, 1, L, L]`` of allowed (query, key) pairs, or ``None`` if all are.
 
-        Raises ``ValueError`` if some query may attend to no key at all.
+        Raises ``ValueError`` if some query may attend to no key at all (on an accelerator: an
+        asynchronous device assertion, so that the forward pass never waits for the device).
         """
         L = x.shape[1]
         allowed = None
@@ -166,11 +176,10 @@ class MultiheadSelfAttention(nn.Module):
             allowed = keys if allowed is None else allowed & keys
         if allowed is not None:
             allowed = allowed.expand(-1, -1, L, L)
-            if not bool(allowed.any(-1).all()):
-                raise ValueError(
-                    "the masks leave some query with no key to attend to (a fully masked row); "
-                    "unmask at least one key per query"
-                )
+            msg = ("the masks leave some query with no key to attend to (a fully masked row); "
+                   "unmask at least one key per query")
+            if not check_on_device(allowed.any(-1).all(), msg):
+                raise ValueError(msg)
         return allowed
 
     # ---- forward ----------------------------------------------------------------------------

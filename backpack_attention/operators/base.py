@@ -358,7 +358,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     # -- determinism ---------------------------------------------------------------------------
     @torch.inference_mode(False)
     def _loss_and_gradient(self):
-        loss, grads = 0.0, [torch.zeros_like(p) for p in self._params]
+        loss, grads = None, [torch.zeros_like(p) for p in self._params]
         for X, y in self._data:
             f = self._factor(X, y)
             if f == 0:
@@ -367,11 +367,11 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             with torch.enable_grad(), _RequiresGrad(self._model_func, self._params):
                 ell = self._loss_func(self._model_func(X), y) * f
                 gs = grad(ell, self._params, allow_unused=True)
-            loss += ell.item()
+            loss = ell.detach() if loss is None else loss + ell.detach()
             for a, g in zip(grads, gs):
                 if g is not None:
                     a.add_(g)
-        return loss, grads
+        return (0.0 if loss is None else loss.item()), grads  # one host sync, after the data loop
 
     def _check_deterministic(self, rtol: float = 5e-5, atol: float = 1e-6) -> None:
         """Two passes of loss, gradient and an (uncached) product must agree, as in curvlinops.
