@@ -20,6 +20,7 @@ import backpack
 import torch
 from torch import nn
 
+from backpack_attention.backpack_ext.encoder import LEAF_MODULES, check_encoders, convert_encoders, readouts_to_modules
 from backpack_attention.backpack_ext.registry import register
 from backpack_attention.module import MultiheadSelfAttention, SelfAttentionAdapter, call_arguments, convert_attention
 
@@ -71,7 +72,7 @@ def attention_leaves():
     original = tracer.is_leaf_module
 
     def is_leaf_module(self, m, module_qualified_name):
-        if isinstance(m, (MultiheadSelfAttention, SelfAttentionAdapter)):
+        if isinstance(m, (MultiheadSelfAttention, SelfAttentionAdapter) + LEAF_MODULES):
             return True
         return original(self, m, module_qualified_name)
 
@@ -90,6 +91,9 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False) 
     masks each attention call receives (positional or keyword), and with ``use_converter=True``
     runs BackPACK's torch.fx converter (``x + f(x)`` becomes ``SumModule``, ``permute`` becomes
     ``Permute``) with attention modules kept as leaves.
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` become traceable drop-ins with the
+    same children and parameters (:mod:`~backpack_attention.backpack_ext.encoder`), and with the
+    converter, mean pooling (``h.mean(1)``) and token selection (``h[:, 0]``) become modules.
 
     Args:
         module: model (or loss function) to extend.
@@ -102,12 +106,15 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False) 
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_encoders(module)  # before any change
     module = convert_attention(module, strict=False)
+    module = convert_encoders(module)
     _prepare_adapters(module)
     if use_converter:
         from backpack.custom_module.graph_utils import convert_module_to_backpack
 
         with attention_leaves():
+            module = readouts_to_modules(module)
             module = convert_module_to_backpack(module, debug)
         _prepare_adapters(module)
     module = backpack.extend(module, debug=debug)

@@ -22,6 +22,7 @@ from torch import nn
 
 from backpack_attention.backpack_ext import firstorder, ggn, hessian, kfac
 from backpack_attention.backpack_ext.base import Unsupported
+from backpack_attention.backpack_ext.encoder import register_readouts
 from backpack_attention.backpack_ext.derivatives import (
     IgnoreIndexCrossEntropyLossDerivatives,
     SequenceMSELossDerivatives,
@@ -217,5 +218,6 @@ def register(ext):
         raise TypeError(f"backpack_attention has no registration for extension {type(ext).__name__}")
     else:
         raise TypeError(f"ext must be a BackPACK extension instance, got {type(ext).__name__}")
+    register_readouts(ext)  # TokenMean, Slicing (readouts of encoder models)
     _name_extension_in_errors(ext)
     return ext

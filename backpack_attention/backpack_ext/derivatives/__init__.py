@@ -5,6 +5,7 @@
 * :class:`GELUDerivatives`: ``nn.GELU`` (``gelu.py``).
 * :class:`SequenceMSELossDerivatives`: ``nn.MSELoss`` on ``[N, *, C]`` outputs (``mse.py``).
 * :class:`EmbeddingDerivatives`: BackPACK's, fixed for ``float64`` (``embedding.py``).
+* :class:`TokenMeanDerivatives`: mean pooling over tokens, ``TokenMean`` (``tokenmean.py``).
 * :class:`IgnoreIndexCrossEntropyLossDerivatives`: ``nn.CrossEntropyLoss`` with ``ignore_index``
   (``crossentropy.py``).
 
@@ -24,6 +25,7 @@ from backpack_attention.backpack_ext.derivatives.embedding import EmbeddingDeriv
 from backpack_attention.backpack_ext.derivatives.gelu import GELUDerivatives
 from backpack_attention.backpack_ext.derivatives.layernorm import LayerNormDerivatives
 from backpack_attention.backpack_ext.derivatives.mse import SequenceMSELossDerivatives
+from backpack_attention.backpack_ext.derivatives.tokenmean import TokenMeanDerivatives
 
 __all__ = [
     "CORE_CHUNK_NUMEL",
@@ -33,6 +35,7 @@ __all__ = [
     "LayerNormDerivatives",
     "MHSADerivatives",
     "SequenceMSELossDerivatives",
+    "TokenMeanDerivatives",
     "allowed_mask",
     "attention_masks",
     "clear_module_cache",
