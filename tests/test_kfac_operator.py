@@ -182,6 +182,24 @@ def test_subset_and_order_of_params():
     assert rel(ours, full[idx][:, idx]) < 1e-12
 
 
+@pytest.mark.parametrize("cls", [ba.AttentionKFACLinearOperator, ba.AttentionEKFACLinearOperator])
+def test_attention_layer_without_its_output_projection(cls):
+    """An attention layer whose W_O/b_O are not among ``params`` (EKFAC used to raise KeyError):
+    the blocks of the operator on all parameters (separate weight and bias blocks)."""
+    model, loss_func, X, y = problem(6)
+    kw = dict(kfac_approx="attention", separate_weight_and_bias=True)
+    full_params = list(model.parameters())
+    full = dense(cls(model, loss_func, full_params, [(X, y)], **kw), sum(p.numel() for p in full_params))
+    sub = [model.readout.weight, model.attn.in_proj_weight, model.attn.in_proj_bias]
+    ours = dense(cls(model, loss_func, sub, [(X, y)], **kw), sum(p.numel() for p in sub))
+    offsets, o = {}, 0
+    for p in full_params:
+        offsets[id(p)] = torch.arange(o, o + p.numel())
+        o += p.numel()
+    idx = torch.cat([offsets[id(p)] for p in sub])
+    assert rel(ours, full[idx][:, idx]) < 1e-12
+
+
 # ---------------------------------------------------------------------------------------------
 # MC converges to type-2 (attention recipe: per-token columns have no cross-token terms)
 # ---------------------------------------------------------------------------------------------

@@ -753,7 +753,7 @@ class AttentionEKFACLinearOperator(AttentionKFACLinearOperator):
                         for t, s in zip(lst, grads[name]):
                             for g, (out, inp) in t.sides(s).items():
                                 rotated = {}
-                                for b in by_group[(name, g)]:
+                                for b in by_group.get((name, g), ()):  # groups without parameters in params: none
                                     Qo, Qi, _ = self._eigen(b)
                                     if id(Qo) not in rotated:
                                         rotated[id(Qo)] = kmath.rotate(out, Qo)

@@ -6,7 +6,8 @@ Importing this package registers them; the report shows them by their ``order``:
 * ``gradient_norms`` (30): :mod:`.gradients`, gradient norms per block, layer and head;
 * ``hessian_blocks`` (40): :mod:`.hessian`, closed-form Hessian block norms and a heat map;
 * ``growth`` (45): :mod:`.growth`, the paper's block heterogeneity and growth exponents;
+* ``kfac`` (50): :mod:`.kfac`, KFAC and EKFAC errors against the exact GGN per block and head;
 * ``spectra`` (60): :mod:`.spectra`, extreme eigenvalues per block.
 """
 
-from backpack_attention.report.sections import gradients, growth, hessian, spectra, summary  # noqa: F401
+from backpack_attention.report.sections import gradients, growth, hessian, kfac, spectra, summary  # noqa: F401
