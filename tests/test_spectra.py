@@ -106,3 +106,21 @@ def test_progress_bar(problem, capsys):
     assert "attention block eigenvalues" in err and f"{len(rows)}/{len(rows)}" in err
     attention_block_eigenvalues(model, loss_func, data, progress=False, **kw)
     assert "attention block eigenvalues" not in capsys.readouterr().err
+
+
+def test_report_cross_check_with_curvlinops():
+    """The spectra section's cross-check table: ours and curvlinops' (on nn.MultiheadAttention)
+    largest eigenvalues agree in float64; linear attention (no torch counterpart) is skipped."""
+    import re
+
+    from backpack_attention.report.sections.spectra import curvlinops_agreement
+
+    model, loss_func, (X, y) = default_problem(num_sequences=4, d_model=8, num_heads=2)
+    text = curvlinops_agreement(model, loss_func, [(X, y)])
+    rows = re.findall(r"^\| (W_\w) \(layer 1\) \| (GGN|Hessian) \| (\S+) \| (\S+) \| (\S+) \|$", text, flags=re.M)
+    assert [(b, c) for b, c, *_ in rows] == [("W_Q", "GGN"), ("W_Q", "Hessian"), ("W_V", "GGN"), ("W_V", "Hessian")]
+    for _, _, ours, ref, diff in rows:
+        assert abs(float(ours) - float(ref)) <= 1e-5 * abs(float(ref))  # the table rounds to 6 digits
+        assert float(diff) < 1e-10
+    lin, lf, (X, y) = default_problem(num_sequences=2, d_model=8, num_heads=2, attention="linear")
+    assert "no linear attention" in curvlinops_agreement(lin, lf, [(X, y)])

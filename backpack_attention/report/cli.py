@@ -47,6 +47,10 @@ Sections (names for --sections in brackets):
                      functional and full parts (table, heat map)
   [growth]           the paper's block heterogeneity and sigma^2 / sigma^5 / sigma^6 growth
                      exponents, measured from exact blocks (plot)
+  [phases]           a short training run of a copy of the model: the Q/K-vs-V GGN ratio and
+                     the Q/K functional-to-GGN ratio over the steps (plot)
+  [kfac]             KFAC and EKFAC errors against the exact GGN per block and head, and the
+                     preconditioned-gradient angles (plot)
   [spectra]          top eigenvalues of each attention block's GGN / Hessian (Lanczos, plot)
 A section that fails is reported in report.md with its traceback, the other sections still
 run, and the command exits with status 1.
