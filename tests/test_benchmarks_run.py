@@ -25,3 +25,11 @@ def test_backpack_benchmark_tiny(tmp_path):
          "--out", str(report))
     text = report.read_text()
     assert "DiagGGNExact" in text and "KFAC" in text
+
+
+def test_memory_benchmark_quick():
+    out = _run("benchmarks/memory.py", "--quick")
+    assert "fresh process: gradient" in out  # the per-measurement subprocess path
+    for row in ("ours: GGN product", "curvlinops: Hessian product", "`attention_factors`", "`hessian_blocks`",
+                "`AttentionKFACLinearOperator`", "BackPACK `KFAC`", "BackPACK `DiagGGNExact`"):
+        assert row in out, row
