@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
+import sys
 import platform
 import statistics
 import warnings
@@ -44,6 +46,9 @@ from backpack_attention.models import LinearProjectionAttention, TinyTransformer
 
 from common import load_average, load_warning, machine_line, median_time, timed_once  # noqa: E402
 from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Flat(nn.Module):
@@ -152,6 +157,84 @@ def quality(N: int, d: int, heads: int):
     return q
 
 
+def cooccurrence_quality(seed: int = 0):
+    """Relative Frobenius error of KFAC's diagonal blocks against the exact GGN on the co-occurrence
+    task of Yang et al. (examples/cooccurrence_phases.py: 60 sequences, 5 tokens, width 128, at
+    initialisation), for the attention-aware and the generic recipe and EKFAC, computed exactly
+    without forming the blocks (49152 in-projection entries): the model has one output per
+    sequence, so the GGN is ``G = J^T diag(lam) J`` with ``J [60, P]`` (one backward pass per
+    sequence) and, per block b,
+    ``||K_bb - G_bb||^2 = ||K_bb||^2 - 2 sum_n lam_n j_nb^T K_bb j_nb + sum_nm lam_n lam_m (j_nb . j_mb)^2``,
+    ``||K_bb||`` from the Kronecker factors (EKFAC: its corrected eigenvalues)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from cooccurrence_phases import M, CooccurrenceModel, cooccurrence_data
+
+    class ColumnOutput(nn.Module):  # one logit per sequence as a column [N, 1], as the KFAC operators need
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):
+            return self.model(tokens).unsqueeze(-1)
+
+    tokens, y, _ = cooccurrence_data(seed)
+    base = CooccurrenceModel(seed)
+    model, loss_func, data = ColumnOutput(base), nn.BCEWithLogitsLoss(), [(tokens, y[:, None])]
+    params = base.trained_parameters()  # in_proj_weight [3M, M], W.weight [M1, M]
+    P, n = sum(p.numel() for p in params), tokens.shape[0]
+    n_in = params[0].numel()
+    blocks = {"W_Q": (0, M * M), "W_K": (M * M, 2 * M * M), "W_V": (2 * M * M, n_in), "W (MLP)": (n_in, P)}
+    f = model(tokens)[:, 0]
+    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[i], params, retain_graph=True)])
+                     for i in range(n)])  # [n, P]
+    lam = (torch.sigmoid(f) * (1 - torch.sigmoid(f))).detach() / n  # BCE (mean): d2 loss / d f_i^2
+    kw = dict(check_deterministic=False)
+    G = ba.AttentionGGNLinearOperator(model, loss_func, params, data, **kw)
+    v = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    check = (G @ v - J.T @ (lam * (J @ v))).norm() / (G @ v).norm()
+    assert check < 1e-10, f"J^T diag(lam) J differs from the GGN operator: {check:.1e}"
+    ops = {"attention": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="attention", **kw),
+           "expand": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="expand", **kw),
+           "reduce": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="reduce", **kw),
+           "ekfac": ba.AttentionEKFACLinearOperator(model, loss_func, params, data, kfac_approx="attention", **kw)}
+    out = {}
+    for name, (a, b) in blocks.items():
+        Jb = torch.zeros(P, n, dtype=torch.float64)
+        Jb[a:b] = J[:, a:b].T
+        gram = J[:, a:b] @ J[:, a:b].T
+        g2 = (lam[:, None] * lam[None, :] * gram ** 2).sum()
+        out[name] = {}
+        for key, op in ops.items():
+            k2 = 0.0
+            for blk in op.blocks():  # the Kronecker blocks inside [a, b)
+                lo, hi = int(blk.index.min()), int(blk.index.max())
+                if a <= lo and hi < b:
+                    if key == "ekfac":
+                        k2 += op.corrections()[blk.name].pow(2).sum().item()
+                    else:
+                        k2 += (blk.out_factor.pow(2).sum() * blk.in_factor.pow(2).sum()).item()
+                elif lo < b and hi >= a:
+                    raise RuntimeError(f"Kronecker block {blk.name} straddles block {name}")
+            cross = (lam * (Jb[a:b] * (op @ Jb)[a:b]).sum(0)).sum().item()
+            out[name][key] = math.sqrt(max(k2 - 2 * cross + g2.item(), 0.0)) / math.sqrt(g2.item())
+    return out, check.item()
+
+
+def cooccurrence_markdown(res) -> str:
+    q, check = res
+    lines = ["## Errors against the exact GGN on the co-occurrence task (Yang et al., at initialisation)", "",
+             "Relative Frobenius error of each diagonal block, exact (`G = J^T diag(lam) J` from one backward pass "
+             f"per sequence, equal to `AttentionGGNLinearOperator`'s product to {check:.0e}; KFAC norms from "
+             "the Kronecker factors); the model of `examples/cooccurrence_phases.py` (60 sequences, 5 tokens, "
+             "width 128, 1 head, BCE), type-2 Fisher. The MLP weight W is an `nn.Linear` (attention and expand "
+             "give it the same KFAC); the model sums its outputs over the positions, which is the case "
+             "the generic `reduce` recipe is made for.", "",
+             "| block | attention | expand | reduce | ekfac (attention) |", "|---|---|---|---|---|"]
+    for b, r in q.items():
+        lines.append(f"| {b} | {r['attention']:.3g} | {r['expand']:.3g} | {r['reduce']:.3g} | {r['ekfac']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, q, args) -> str:
     lines = ["# KFAC benchmarks", "",
              f"- command: `python benchmarks/kfac.py` (threads={torch.get_num_threads()}, repeats={args.repeats}, "
@@ -197,6 +280,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--damping", type=float, default=1e-3)
     ap.add_argument("--out", default="docs/benchmarks_kfac.md")
+    ap.add_argument("--cooccurrence-only", action="store_true",
+                    help="only the co-occurrence errors, written to --cooccurrence-out")
+    ap.add_argument("--cooccurrence-out", default="docs/benchmarks_kfac_cooccurrence.md")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.quick:
@@ -207,9 +293,19 @@ def main():
         args.N, args.d, args.heads, Ls = 32, 64, 4, [64, 256]
         args.qN, args.qd, args.qheads = 32, 16, 2
         fisher_types = ["mc", "type-2"]
+    if args.cooccurrence_only:  # the co-occurrence errors alone (no timings), into their own file
+        text = (f"# KFAC errors on the co-occurrence task\n\n- command: `python benchmarks/kfac.py "
+                f"--cooccurrence-only`\n- machine: {machine_line()}\n\n"
+                + cooccurrence_markdown(cooccurrence_quality()))
+        print(text)
+        with open(args.cooccurrence_out, "w") as f:
+            f.write(text)
+        return
     rows = run_sizes(Ls, args.N, args.d, args.heads, args.repeats, args.damping, fisher_types)
     q = quality(args.qN, args.qd, args.qheads)
     text = markdown(rows, q, args)
+    if not args.quick:
+        text += "\n" + cooccurrence_markdown(cooccurrence_quality())
     print(text)
     if not args.quick:
         with open(args.out, "w") as f:
