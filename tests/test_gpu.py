@@ -3,7 +3,8 @@
 ``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising call (``.item()``,
 ``bool(tensor)``, ``.cpu()``, data-dependent shapes) raise. Inside it run the module's forward
 with masks (its masked-row check is an asynchronous device assertion there), the products of the
-GGN, Hessian and KFAC operators once their caches are built, and a damped KFAC inverse product.
+GGN, Hessian and KFAC operators once their caches (and factors) are built, and the product of a
+damped KFAC inverse once its eigendecompositions exist.
 Skipped without a GPU; run on one when available (the issue note says whether it was).
 """
 
@@ -64,12 +65,12 @@ def test_operator_products_match_cpu_and_do_not_sync(kind):
             cls = ba.AttentionGGNLinearOperator if kind == "ggn" else ba.AttentionHessianLinearOperator
             op = cls(model, loss_func, params, data)
         v = torch.randn(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
-        first = op @ v  # builds the cache (may synchronise)
+        first = op @ v  # builds the cache / the factors (may synchronise)
+        inv = op.inverse(damping=1e-2) if kind == "kfac" else None  # eigendecompositions (may synchronise)
         ctx = no_sync() if device == "cuda" else contextlib.nullcontext()
         with ctx:
             again = op @ v
             if kind == "kfac":
-                inv = op.inverse(damping=1e-2)
                 solved = inv @ v
         results[device] = [first, again] + ([solved] if kind == "kfac" else [])
     for a, b in zip(results["cpu"], results["cuda"]):
