@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,3 +121,40 @@ def dense_ggn(model, loss_func, params, batches, num_data=None):
             HL = hessian(lambda o: loss_func(o, y))(out0).reshape(out0.numel(), out0.numel())
             G = G + w * J.T @ HL @ J
     return G
+
+
+class PlainAttention(nn.Module):
+    """Multi-head self-attention written out in plain torch ops: the autodiff reference for
+    :class:`~backpack_attention.MultiheadSelfAttention` (copies its parameters, same names; causal,
+    ``key_padding_mask``, bool ``attn_mask``; softmax or linear). ``record=True``: keep the
+    ``(input, attention matrix)`` of every call in ``seen``."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.H, self.causal, self.kind = m.num_heads, m.causal, m.attention
+        for name in ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"):
+            p = getattr(m, name)
+            self.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone()))
+        self.record, self.seen = False, []
+
+    def forward(self, x, key_padding_mask=None, attn_mask=None):
+        n, l, e = x.shape
+        d = e // self.H
+        qkv = x @ self.in_proj_weight.T
+        if self.in_proj_bias is not None:
+            qkv = qkv + self.in_proj_bias
+        q, k, v = (t.reshape(n, l, self.H, d).permute(0, 2, 1, 3) for t in qkv.split(e, -1))
+        s = torch.einsum("nhid,nhjd->nhij", q, k) / math.sqrt(d)
+        banned = torch.zeros(n, 1, l, l, dtype=torch.bool)
+        if self.causal:
+            banned = banned | torch.ones(l, l, dtype=torch.bool).triu(1)
+        if attn_mask is not None:
+            banned = banned | attn_mask
+        if key_padding_mask is not None:
+            banned = banned | key_padding_mask[:, None, None, :]
+        a = torch.softmax(s.masked_fill(banned, float("-inf")), -1) if self.kind == "softmax" else s * (~banned)
+        if self.record:
+            self.seen.append((x.detach(), a.detach()))
+        z = torch.einsum("nhij,nhjd->nhid", a, v).permute(0, 2, 1, 3).reshape(n, l, e)
+        out = z @ self.out_proj_weight.T
+        return out if self.out_proj_bias is None else out + self.out_proj_bias

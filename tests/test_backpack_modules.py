@@ -8,11 +8,10 @@ attention written out here) and is differentiated with ``torch.func``. float64.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
-from reference import rel_error, split_flat
+from reference import PlainAttention, rel_error, split_flat
 from backpack import backpack
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
@@ -27,41 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Encountered node that may break:
 DT = torch.float64
 N, L, DIN, D, HEADS, C = 3, 5, 3, 6, 2, 4
 RTOL = 1e-10
-
-
-class ReferenceAttention(nn.Module):
-    """Multi-head self-attention in plain torch ops (same parameter names as ours)."""
-
-    def __init__(self, m: MultiheadSelfAttention):
-        super().__init__()
-        self.H, self.causal, self.kind = m.num_heads, m.causal, m.attention
-        self.in_proj_weight = nn.Parameter(m.in_proj_weight.detach().clone())
-        self.in_proj_bias = None if m.in_proj_bias is None else nn.Parameter(m.in_proj_bias.detach().clone())
-        self.out_proj_weight = nn.Parameter(m.out_proj_weight.detach().clone())
-        self.out_proj_bias = None if m.out_proj_bias is None else nn.Parameter(m.out_proj_bias.detach().clone())
-
-    def forward(self, x, key_padding_mask=None, attn_mask=None):
-        n, l, e = x.shape
-        d = e // self.H
-        qkv = x @ self.in_proj_weight.T
-        if self.in_proj_bias is not None:
-            qkv = qkv + self.in_proj_bias
-        q, k, v = (t.reshape(n, l, self.H, d).permute(0, 2, 1, 3) for t in qkv.split(e, -1))
-        s = torch.einsum("nhid,nhjd->nhij", q, k) / math.sqrt(d)
-        banned = torch.zeros(n, 1, l, l, dtype=torch.bool)
-        if self.causal:
-            banned = banned | torch.ones(l, l, dtype=torch.bool).triu(1)
-        if attn_mask is not None:
-            banned = banned | attn_mask
-        if key_padding_mask is not None:
-            banned = banned | key_padding_mask[:, None, None, :]
-        if self.kind == "softmax":
-            a = torch.softmax(s.masked_fill(banned, float("-inf")), -1)
-        else:
-            a = s * (~banned)
-        z = torch.einsum("nhij,nhjd->nhid", a, v).permute(0, 2, 1, 3).reshape(n, l, e)
-        out = z @ self.out_proj_weight.T
-        return out if self.out_proj_bias is None else out + self.out_proj_bias
 
 
 class SeqModel(nn.Module):
@@ -104,7 +68,7 @@ class Problem:
             for p in self.model.parameters():
                 p.add_(0.3 * torch.randn_like(p))
         self.ref = copy.deepcopy(self.model)
-        self.ref.attn = ReferenceAttention(self.model.attn)
+        self.ref.attn = PlainAttention(self.model.attn)
         self.X = torch.randn(N, L, DIN, dtype=DT)
         self.Y = torch.randn(N, L, C, dtype=DT)
         self.params = {n: p.detach() for n, p in self.ref.named_parameters()}

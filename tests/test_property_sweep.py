@@ -25,7 +25,6 @@ own. The default suite runs a few derandomized (deterministic) examples per prop
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -47,7 +46,7 @@ from backpack_attention import (
     MultiheadSelfAttention,
 )
 from backpack_attention.models import LinearProjectionAttention
-from reference import dense_ggn, dense_hessian_double_backward, rel_error
+from reference import PlainAttention, dense_ggn, dense_hessian_double_backward, rel_error
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore")
@@ -174,39 +173,6 @@ class SweepNet(nn.Module):
             return self.out(self.flat(self.act_out(h)))
         out = self.out(self.act_out(h))
         return out.permute(0, 2, 1) if self.ce else out  # token logits [N, C, L] for cross-entropy
-
-
-class PlainAttention(nn.Module):
-    """Multi-head self-attention written out in plain torch ops (the reference; same parameter
-    names as :class:`MultiheadSelfAttention`). ``record``: keep the attention matrices."""
-
-    def __init__(self, m: MultiheadSelfAttention):
-        super().__init__()
-        self.H, self.causal, self.kind = m.num_heads, m.causal, m.attention
-        for name in ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"):
-            p = getattr(m, name)
-            self.register_parameter(name, None if p is None else nn.Parameter(p.detach().clone()))
-        self.record, self.seen = False, []
-
-    def forward(self, x, key_padding_mask=None):
-        n, l, e = x.shape
-        d = e // self.H
-        qkv = x @ self.in_proj_weight.T
-        if self.in_proj_bias is not None:
-            qkv = qkv + self.in_proj_bias
-        q, k, v = (t.reshape(n, l, self.H, d).permute(0, 2, 1, 3) for t in qkv.split(e, -1))
-        s = torch.einsum("nhid,nhjd->nhij", q, k) / math.sqrt(d)
-        banned = torch.zeros(n, 1, l, l, dtype=torch.bool)
-        if self.causal:
-            banned = banned | torch.ones(l, l, dtype=torch.bool).triu(1)
-        if key_padding_mask is not None:
-            banned = banned | key_padding_mask[:, None, None, :]
-        a = torch.softmax(s.masked_fill(banned, float("-inf")), -1) if self.kind == "softmax" else s * (~banned)
-        if self.record:
-            self.seen.append((x.detach(), a.detach()))
-        z = torch.einsum("nhij,nhjd->nhid", a, v).permute(0, 2, 1, 3).reshape(n, l, e)
-        out = z @ self.out_proj_weight.T
-        return out if self.out_proj_bias is None else out + self.out_proj_bias
 
 
 def reference_twin(model: SweepNet) -> SweepNet:

@@ -8,9 +8,6 @@ No test depends on a wall-clock limit: the examples run as subprocesses without 
 import importlib.util
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +15,7 @@ from torch import nn
 
 import backpack_attention as ba
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "examples"
-
-
-def run_example(name, out, *args):
-    proc = subprocess.run([sys.executable, f"examples/{name}.py", "--out", str(out), *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    summary = (out / "summary.md").read_text()
-    return proc.stdout, results, summary
+from test_seed_examples import DOCS, ROOT, run_example
 
 
 def load_example(name):
