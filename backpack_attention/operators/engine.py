@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.autograd import grad
 
 from backpack_attention.derivatives.function import cached_attention, linear_backward
+from backpack_attention.derivatives.elementwise import activation_nodes
 from backpack_attention.derivatives.layernorm import layer_norm_nodes
 
 
@@ -60,7 +61,8 @@ class BatchState:
     def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
         self.loss_func, self.params, self.y = loss_func, params, y
         self._input_keys = [(t, t._version, t.data_ptr()) for t in _tensors(X) + _tensors(y)]
-        with torch.enable_grad(), cached_attention(), layer_norm_nodes(model), _CallRecorder(layers) as rec:
+        with torch.enable_grad(), cached_attention(), layer_norm_nodes(model), activation_nodes(model), \
+                _CallRecorder(layers) as rec:
             self.out = model(X)
         missing = sorted(set(layers) - rec.called)
         if missing:
