@@ -284,6 +284,10 @@ class SelfAttentionAdapter(nn.Module):
         # Read by nn.TransformerEncoder(Layer) to decide on torch's fused fast path, which
         # would bypass this module (and BackPACK's hooks). False keeps the fast path off.
         self._qkv_same_embed_dim = False
+        # BackPACK hooks only the inner MultiheadSelfAttention (one hooked module per step): marked
+        # as already extended, the adapter itself is skipped by any backpack.extend, also a stock one
+        # run before ba.extend (laplace-torch re-extends models with it).
+        self._backpack_extend = True
         # Checkpoints keep nn.MultiheadAttention's keys (in_proj_weight, out_proj.weight, ...).
         self._register_state_dict_hook(SelfAttentionAdapter._to_torch_keys)
         self._register_load_state_dict_pre_hook(SelfAttentionAdapter._from_torch_keys, with_module=True)

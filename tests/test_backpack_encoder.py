@@ -467,3 +467,32 @@ def test_docs_snippet_runs():
     namespace = {}
     exec(compile(block, "docs/backpack.md", "exec"), namespace)
     assert all(hasattr(p, "diag_ggn_exact") for p in namespace["model"].parameters())
+
+
+def test_stock_backpack_extend_before_ours():
+    """A converted model that stock ``backpack.extend`` saw first (as laplace-torch's BackPACK backends
+    re-extend models) gives the same BackPACK quantities as one extended by ``ba.extend`` only: the
+    adapter is never hooked itself, only its inner attention."""
+    import backpack as stock
+
+    def make():
+        torch.manual_seed(0)
+        clf = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=DT),
+                            nn.Flatten(), nn.Linear(4 * 8, 3, dtype=DT))
+        return ba.convert_attention(clf)
+
+    x = torch.randn(6, 4, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    results = []
+    for stock_first in (False, True):
+        clf = make()
+        if stock_first:
+            stock.extend(clf)
+        model = ba.extend(clf, use_converter=True)
+        loss_func = ba.extend(nn.CrossEntropyLoss())
+        with backpack(ba.extensions.DiagGGNExact(), ba.extensions.BatchGrad()):
+            loss_func(model(x), y).backward()
+        results.append([t for p in model.parameters() for t in (p.diag_ggn_exact, p.grad_batch)])
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
