@@ -219,3 +219,15 @@ def test_kron_refusals():
     kron = Laplace(ours, "classification", subset_of_weights="all", hessian_structure="kron", backend=AttentionHessian)
     with pytest.raises(NotImplementedError, match="backend=AttentionGGN"):
         kron.fit(loader)
+
+
+def test_docs_snippet_runs():
+    """docs/laplace.md's snippet runs as printed and fits a finite marginal likelihood."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "laplace.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace = {}
+    exec(compile(block, "docs/laplace.md", "exec"), namespace)
+    assert torch.isfinite(namespace["la"].log_marginal_likelihood())
