@@ -118,7 +118,7 @@ class AttentionGGN(CurvlinopsGGN):
             raise TypeError(f"AttentionGGN.kron: unexpected arguments {sorted(kwargs)} (accepted: kfac_approx)")
         if kfac_approx not in KRON_APPROXIMATIONS:
             extra = ""
-            if kfac_approx == "attention":
+            if isinstance(kfac_approx, str) and kfac_approx.startswith("attention"):
                 extra = (" The attention-aware recipe gives K and V one Kronecker product per head, each with its "
                          "own input factor: a sum of Kronecker products per in_proj_weight, which laplace-torch's "
                          "Kron cannot hold (use AttentionKFACLinearOperator directly for it).")

@@ -196,7 +196,11 @@ def cooccurrence_quality(seed: int = 0):
     ops = {"attention": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="attention", **kw),
            "expand": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="expand", **kw),
            "reduce": ba.AttentionKFACLinearOperator(model, loss_func, params, data, kfac_approx="reduce", **kw),
-           "ekfac": ba.AttentionEKFACLinearOperator(model, loss_func, params, data, kfac_approx="attention", **kw)}
+           "attention-reduce": ba.AttentionKFACLinearOperator(model, loss_func, params, data,
+                                                              kfac_approx="attention-reduce", **kw),
+           "ekfac": ba.AttentionEKFACLinearOperator(model, loss_func, params, data, kfac_approx="attention", **kw),
+           "ekfac (attention-reduce)": ba.AttentionEKFACLinearOperator(model, loss_func, params, data,
+                                                                       kfac_approx="attention-reduce", **kw)}
     out = {}
     for name, (a, b) in blocks.items():
         Jb = torch.zeros(P, n, dtype=torch.float64)
@@ -228,10 +232,16 @@ def cooccurrence_markdown(res) -> str:
              "the Kronecker factors); the model of `examples/cooccurrence_phases.py` (60 sequences, 5 tokens, "
              "width 128, 1 head, BCE), type-2 Fisher. The MLP weight W is an `nn.Linear` (attention and expand "
              "give it the same KFAC); the model sums its outputs over the positions, which is the case "
-             "the generic `reduce` recipe is made for.", "",
-             "| block | attention | expand | reduce | ekfac (attention) |", "|---|---|---|---|---|"]
+             "the `reduce` weight sharing is made for (`attention-reduce`: the attention-aware factors "
+             "with it).", "",
+             "| block | attention | expand | reduce | attention-reduce | ekfac (attention) | ekfac (attention-reduce) |",
+             "|---|---|---|---|---|---|---|"]
+    def f(x):  # the error formula cancels to rounding: below ~1e-7 it is zero to that precision
+        return f"{x:.3g}" if x >= 1e-7 else "< 1e-7"
+
     for b, r in q.items():
-        lines.append(f"| {b} | {r['attention']:.3g} | {r['expand']:.3g} | {r['reduce']:.3g} | {r['ekfac']:.3g} |")
+        lines.append(f"| {b} | {f(r['attention'])} | {f(r['expand'])} | {f(r['reduce'])} | "
+                     f"{f(r['attention-reduce'])} | {f(r['ekfac'])} | {f(r['ekfac (attention-reduce)'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -123,6 +123,37 @@ def test_attention_V_blocks_exact_one_layer_mse(separate, readout):
     assert D[i].abs().max() == 0
 
 
+@pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
+def test_attention_reduce_V_and_O_blocks_exact_for_pooled_output_mse(separate):
+    """A model that averages over positions (mean-pool readout, MSE on [N, C]): with
+    kfac_approx="attention-reduce" every head's V block and the O block equal the exact GGN
+    blocks; the per-token "attention" recipe is not exact there."""
+    torch.manual_seed(3)
+    model = Net(ce=False, mlp=False, readout=True, pool=True)
+    with torch.no_grad():
+        for p in model.attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    X, y = torch.randn(N, L, E, dtype=DT), torch.randn(N, C, dtype=DT)
+    loss_func, attn = nn.MSELoss(), model.attn
+    params = list(attn.parameters())
+    P = sum(p.numel() for p in params)
+    blocks = ba.hessian_blocks(model, loss_func, attn, (X, y))
+    errors = {}
+    for approx in ("attention-reduce", "attention"):
+        D = dense(ba.AttentionKFACLinearOperator(model, loss_func, params, [(X, y)], kfac_approx=approx,
+                                                 separate_weight_and_bias=separate), P)
+        errs = []
+        for h in range(H):
+            for a, b in (("W_V", "W_V"), ("b_V", "b_V")) + ((("W_V", "b_V"),) if not separate else ()):
+                ref = blocks[(a, h), (b, h)].outer
+                errs.append(rel(D[ba.param_index(attn, a, h)][:, ba.param_index(attn, b, h)], ref))
+        i = ba.param_index(attn, "W_O")
+        errs.append(rel(D[i][:, i], blocks[("W_O", None), ("W_O", None)].outer))
+        errors[approx] = max(errs)
+    assert errors["attention-reduce"] < 1e-10
+    assert errors["attention"] > 1e-3
+
+
 def test_attention_beats_expand_on_V_and_K_with_cross_entropy():
     """Not exact with CE, but closer to the GGN than the generic recipe (errors vs AttentionGGN)."""
     model, loss_func, X, y = problem(2, mlp=False)

@@ -60,7 +60,18 @@ from backpack_attention.layout import augment
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 #: The approximations of :class:`~backpack_attention.AttentionKFACLinearOperator`.
-OPERATOR_KFAC_APPROXIMATIONS = ("attention", "expand", "reduce")
+OPERATOR_KFAC_APPROXIMATIONS = ("attention", "attention-reduce", "expand", "reduce")
+
+
+def attention_recipe(approx: str) -> bool:
+    """Whether ``approx`` uses the attention-aware factors (``"attention"``, ``"attention-reduce"``)."""
+    return approx.startswith("attention")
+
+
+def weight_sharing(approx: str) -> str:
+    """The weight sharing of ``approx``: ``"reduce"`` (``"reduce"``, ``"attention-reduce"``: positions
+    summed into one gradient per sequence, for models that pool over positions) or ``"expand"``."""
+    return "reduce" if approx.endswith("reduce") else "expand"
 
 #: The Fisher/GGN flavours (curvlinops' names).
 FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -191,7 +202,7 @@ LOSS_SIDE_GENERIC = {"Q": "out", "K": "out", "V": "out", "O": "out"}
 
 def loss_side(group: str, approx: str) -> str:
     """``"out"`` or ``"in"``: the side of ``group`` that carries the loss (see the module docstring)."""
-    return (LOSS_SIDE_ATTENTION if approx == "attention" else LOSS_SIDE_GENERIC)[group]
+    return (LOSS_SIDE_ATTENTION if attention_recipe(approx) else LOSS_SIDE_GENERIC)[group]
 
 
 class AttentionKFACTerms:
@@ -216,7 +227,7 @@ class AttentionKFACTerms:
         H = self.layout.num_heads
         fq = self.fq
         data = {("Q", None): ("in", self.X), ("O", None): ("in", augment(fq.Z, bias))}
-        if approx == "attention":
+        if attention_recipe(approx):
             M1 = fq.A @ self.X[:, None]  # [N, H, L, d']: mu_i per head
             for h in range(H):
                 data[("K", h)] = ("out", fq.Q[:, h])  # queries with biases, [N, L, d_K]
@@ -236,7 +247,7 @@ class AttentionKFACTerms:
         scale = 1.0 / math.sqrt(lay.head_dim)
         s = s.detach()
         dO = lay.split_heads(s @ self.W_out)  # head-output cotangents [N, H, L, d]
-        attention = self.approx == "attention"
+        attention = attention_recipe(self.approx)
         X = self.X[:, None]  # [N, 1, L, d']
 
         def f(A, Q, K, V, dO, X, allowed):
@@ -276,11 +287,11 @@ class AttentionKFACTerms:
         at the layer output (columns already scaled: the loss side is their plain sum).
 
         ``"attention"``: loss side :math:`\sum_{v,n,i}`, data side the trace-weighted mean
-        (:func:`data_covariance` with :func:`token_weights`); ``"expand"``/``"reduce"``: the loss side
-        as :func:`loss_covariance` and the data side divided by ``N``.
+        (:func:`data_covariance` with :func:`token_weights`); ``"attention-reduce"``, ``"expand"``,
+        ``"reduce"``: the loss side as :func:`loss_covariance` and the data side divided by ``N``.
         """
         loss = self.loss_sides(S)
-        approx = "expand" if self.approx == "attention" else self.approx
+        approx = weight_sharing(self.approx)
         out = {}
         for g, (where, d) in self.data.items():
             side = loss[g]

@@ -154,8 +154,11 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
         params: parameters of the model's ``MultiheadSelfAttention`` and ``nn.Linear`` modules (a
             list, or a dict name -> tensor); any subset, any order.
         data: an iterable of ``(X, y)`` batches that can be iterated repeatedly.
-        kfac_approx: ``"attention"`` (attention-aware factors, docs/math.md 7.3), ``"expand"`` or
-            ``"reduce"`` (the generic weight-sharing recipes, = curvlinops on the ``nn.Linear`` twin).
+        kfac_approx: ``"attention"`` (attention-aware factors, docs/math.md 7.3, per token: for
+            token-level losses), ``"attention-reduce"`` (the same factors with reduce weight sharing:
+            positions summed into one gradient per sequence, for models that pool over positions;
+            ``nn.Linear`` layers get reduce), ``"expand"`` or ``"reduce"`` (the generic weight-sharing
+            recipes, = curvlinops on the ``nn.Linear`` twin).
         fisher_type: ``"type-2"`` (exact loss-Hessian square roots), ``"mc"`` (``mc_samples``
             sampled labels) or ``"empirical"`` (gradients at the true labels).
         mc_samples: Monte-Carlo samples per loss term (``fisher_type="mc"`` only; else 1).
@@ -337,7 +340,7 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
             return [(("linear", None), P, i)]
         layout = module.layout
         E, H = layout.embed_dim, layout.num_heads
-        per_head = self._kfac_approx == "attention"
+        per_head = kmath.attention_recipe(self._kfac_approx)
         groups = []
         for g in ("Q", "K", "V", "O"):
             heads = range(H) if per_head and g in ("K", "V") else [None]
@@ -442,7 +445,7 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
             yield terms, scale, columns()
 
     def _side_approx(self) -> str:
-        return "expand" if self._kfac_approx == "attention" else self._kfac_approx
+        return kmath.weight_sharing(self._kfac_approx)
 
     def _weighted(self, module: nn.Module) -> bool:
         """Whether the groups of ``module`` take the trace-weighted data side (the attention recipe)."""
@@ -490,7 +493,7 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
                                 if (id(d), approx) not in memo:
                                     memo[(id(d), approx)] = kmath.data_covariance(d, approx)
                                 add((name, g), k, memo[(id(d), approx)])
-        generic = self._kfac_approx != "attention"
+        generic = not kmath.attention_recipe(self._kfac_approx)
         for b in self._blocks:
             out_c, in_c, wsum = cov[(b.module, (b.group, b.head))]
             mod = self._kfac_modules[b.module]
