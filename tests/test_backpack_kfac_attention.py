@@ -99,3 +99,5 @@ def test_attention_approx_leaves_other_layers_on_expand():
 def test_unknown_approximation_is_refused():
     with pytest.raises(ValueError, match="kfac_approx"):
         E.KFLR(kfac_approx="attentive")
+    with pytest.raises(ValueError, match="AttentionKFACLinearOperator only"):  # operator-only recipe
+        E.KFAC(kfac_approx="attention-reduce")

@@ -48,9 +48,19 @@ from backpack_attention.backpack_ext.derivatives import (
 
 def requested_approx(ext) -> str:
     """The ``kfac_approx`` of extension ``ext`` as given (default ``"expand"``)."""
-    approx = getattr(ext, "kfac_approx", "expand")
-    if approx not in OPERATOR_KFAC_APPROXIMATIONS:
-        raise ValueError(f"kfac_approx must be one of {OPERATOR_KFAC_APPROXIMATIONS}, got {approx!r}")
+    return check_kfac_approx(getattr(ext, "kfac_approx", "expand"))
+
+
+#: The ``kfac_approx`` values of the BackPACK extensions KFAC and KFLR.
+BACKPACK_KFAC_APPROXIMATIONS = ("attention",) + KFAC_APPROXIMATIONS
+
+
+def check_kfac_approx(approx: str) -> str:
+    """``approx`` if the BackPACK extensions support it, else ``ValueError``."""
+    if approx not in BACKPACK_KFAC_APPROXIMATIONS:
+        hint = (" ('attention-reduce' is available in AttentionKFACLinearOperator only)"
+                if approx == "attention-reduce" else "")
+        raise ValueError(f"kfac_approx must be one of {BACKPACK_KFAC_APPROXIMATIONS}, got {approx!r}{hint}")
     return approx
 
 

@@ -38,8 +38,7 @@ class KFAC(bpext.KFAC):
     ``"attention"``: attention-aware factors for attention layers, expand elsewhere)."""
 
     def __init__(self, mc_samples: int = 1, kfac_approx: str = "expand"):
-        if kfac_approx not in kfac.OPERATOR_KFAC_APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {kfac.OPERATOR_KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
+        kfac.check_kfac_approx(kfac_approx)
         self.kfac_approx = kfac_approx
         super().__init__(mc_samples=mc_samples)
 
@@ -48,8 +47,7 @@ class KFLR(bpext.KFLR):
     """BackPACK's KFLR plus ``kfac_approx`` and a sum rule at branch points (residual blocks)."""
 
     def __init__(self, kfac_approx: str = "expand"):
-        if kfac_approx not in kfac.OPERATOR_KFAC_APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {kfac.OPERATOR_KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
+        kfac.check_kfac_approx(kfac_approx)
         self.kfac_approx = kfac_approx
         super().__init__()
 
