@@ -22,10 +22,11 @@ fused double backward and is left alone.
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 from torch import Tensor, nn
+
+from backpack_attention.derivatives.layernorm import OutputNodes
 
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -94,25 +95,14 @@ def _attach(x: Tensor, y: Tensor) -> Tensor:
     return CachedActivation.apply(x, y.detach(), d1, d2)
 
 
-class activation_nodes:
+class activation_nodes(OutputNodes):
     """Context: the tanh-GELU modules of ``model`` (:data:`TANH_GELU_MODULES`) output
     :class:`CachedActivation` nodes (only where the input carries a graph); outputs are unchanged."""
 
-    def __init__(self, model: nn.Module):
-        self.modules: List[nn.Module] = [m for m in model.modules() if type(m).__name__ in TANH_GELU_MODULES]
-        self.handles = []
-
-    def __enter__(self):
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+    @staticmethod
+    def selects(module: nn.Module) -> bool:
+        return type(module).__name__ in TANH_GELU_MODULES
 
     @staticmethod
-    def _hook(module, args, output):
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or not x.requires_grad or not isinstance(output, Tensor):
-            return output
-        return _attach(x, output)
+    def node(module: nn.Module, x: Tensor, output):
+        return _attach(x, output) if isinstance(output, Tensor) else output

@@ -120,15 +120,13 @@ class CachedLayerNorm(torch.autograd.Function):
         return dx, None, None, None, None
 
 
-class layer_norm_nodes:
-    """Context: the ``nn.LayerNorm`` modules of ``model`` output :class:`CachedLayerNorm` nodes.
-
-    Only layers whose input carries a graph and whose parameters do not require grad are swapped;
-    outputs are unchanged.
-    """
+class OutputNodes:
+    """Context: forward hooks on the modules of ``model`` that :meth:`selects`, replacing the output
+    of each call whose input carries a graph by :meth:`node` (a closed-form node with the same
+    values). Subclasses define the two methods; hooks are removed on exit."""
 
     def __init__(self, model: nn.Module):
-        self.modules: List[nn.LayerNorm] = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+        self.modules: List[nn.Module] = [m for m in model.modules() if self.selects(m)]
         self.handles = []
 
     def __enter__(self):
@@ -139,11 +137,34 @@ class layer_norm_nodes:
         for h in self.handles:
             h.remove()
 
-    @staticmethod
-    def _hook(module: nn.LayerNorm, args, output):
+    def _hook(self, module: nn.Module, args, output):
         x = args[0] if args else None
         if not isinstance(x, Tensor) or not x.requires_grad:
             return output
+        return self.node(module, x, output)
+
+    @staticmethod
+    def selects(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def node(module: nn.Module, x: Tensor, output):
+        raise NotImplementedError
+
+
+class layer_norm_nodes(OutputNodes):
+    """Context: the ``nn.LayerNorm`` modules of ``model`` output :class:`CachedLayerNorm` nodes.
+
+    Only layers whose input carries a graph and whose parameters do not require grad are swapped;
+    outputs are unchanged.
+    """
+
+    @staticmethod
+    def selects(module: nn.Module) -> bool:
+        return isinstance(module, nn.LayerNorm)
+
+    @staticmethod
+    def node(module: nn.LayerNorm, x: Tensor, output):
         if any(p is not None and p.requires_grad for p in (module.weight, module.bias)):
             return output  # its parameters are differentiated: keep torch's node (exact double backward)
         d = lambda p: None if p is None else p.detach()  # noqa: E731

@@ -109,6 +109,33 @@ def _all_reduce_int(n: int, device) -> int:
     return int(t.item())
 
 
+def tensor_list(params) -> List[Tensor]:
+    """``params`` (a list of tensors or a dict name -> tensor) as a list; ``TypeError`` otherwise."""
+    params = as_param_list(params)
+    if not all(isinstance(p, Tensor) for p in params):
+        raise TypeError("params must contain tensors (the model's parameters)")
+    return params
+
+
+def dtype_and_device(params: List[Tensor]):
+    """The one dtype and device of ``params``; refuses mixed ones and float16/bfloat16."""
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise ValueError(f"params must share one dtype and device, got dtypes {dtypes} and devices {devices}")
+    dtype = dtypes.pop()
+    check_precision(dtype, "params")
+    return dtype, devices.pop()
+
+
+def first_batch(data):
+    """The first ``(X, y)`` of ``data``; ``ValueError`` if there is none."""
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data is empty: pass an iterable of (X, y) batches, e.g. [(X, y)] or a DataLoader")
+    return first
+
+
 def batch_size(X, batch_size_fn: Optional[Callable] = None) -> int:
     """Number of samples in a batch ``X`` (``batch_size_fn(X)`` where given, else ``X.shape[0]``)."""
     if batch_size_fn is not None:
@@ -189,17 +216,10 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
             )
         if not isinstance(max_cached_batches, int) or max_cached_batches < 0:
             raise ValueError(f"max_cached_batches must be an int >= 0, got {max_cached_batches!r}")
-        self._params = as_param_list(params)
-        if not all(isinstance(p, Tensor) for p in self._params):
-            raise TypeError("params must contain tensors (the model's parameters)")
+        self._params = tensor_list(params)
         self._layers = resolve_params(model_func, self._params)
         check_no_randomness(model_func)
-        dtypes = {p.dtype for p in self._params}
-        devices = {p.device for p in self._params}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"params must share one dtype and device, got dtypes {dtypes} and devices {devices}")
-        self._dtype, self._device = dtypes.pop(), devices.pop()
-        check_precision(self._dtype, "params")
+        self._dtype, self._device = dtype_and_device(self._params)
         self._model_func, self._loss_func, self._data = model_func, loss_func, data
         self._progressbar = progressbar
         self._batch_size_fn = batch_size_fn
@@ -212,10 +232,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         self._model_state: Optional[ModelState] = None
         check_reiterable(data)
 
-        first = next(iter(data), None)
-        if first is None:
-            raise ValueError("data is empty: pass an iterable of (X, y) batches, e.g. [(X, y)] or a DataLoader")
-        self._check_batch(*first)
+        self._check_batch(*first_batch(data))
         # Batch weights (mean reduction): each batch's share of the mean's denominator over all data
         # (counted targets for cross-entropy, entries for MSE; derivatives/loss.py), or, with an
         # explicit num_data, curvlinops' batch_size / num_data.

@@ -34,12 +34,20 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from backpack_attention._compat import PyTorchLinearOperator, as_param_list
-from backpack_attention.checks import check_no_randomness, check_precision, check_reiterable
+from backpack_attention._compat import PyTorchLinearOperator
+from backpack_attention.checks import check_no_randomness, check_reiterable
 from backpack_attention.derivatives import kfac as kmath
 from backpack_attention.layout import PARAM_NAMES
 from backpack_attention.module import MultiheadSelfAttention, call_arguments
-from backpack_attention.operators.base import _RequiresGrad, _normal, batch_size, check_batch
+from backpack_attention.operators.base import (
+    _normal,
+    _RequiresGrad,
+    batch_size,
+    check_batch,
+    dtype_and_device,
+    first_batch,
+    tensor_list,
+)
 
 __all__ = ["AttentionKFACLinearOperator", "AttentionEKFACLinearOperator", "KroneckerBlock"]
 
@@ -218,17 +226,10 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
         if not isinstance(separate_weight_and_bias, bool):
             raise TypeError(f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}")
         check_reiterable(data)
-        self._params = as_param_list(params)
-        if not all(isinstance(p, Tensor) for p in self._params):
-            raise TypeError("params must contain tensors (the model's parameters)")
+        self._params = tensor_list(params)
         self._kfac_modules = resolve_kfac_params(model_func, self._params)
         check_no_randomness(model_func)
-        dtypes = {p.dtype for p in self._params}
-        devices = {p.device for p in self._params}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"params must share one dtype and device, got dtypes {dtypes} and devices {devices}")
-        self._dtype, self._device = dtypes.pop(), devices.pop()
-        check_precision(self._dtype, "params")
+        self._dtype, self._device = dtype_and_device(self._params)
         self._model_func, self._loss_func, self._data = model_func, loss_func, data
         self._kfac_approx, self._fisher_type, self._mc_samples = kfac_approx, fisher_type, mc_samples
         self._seed = seed
@@ -236,9 +237,7 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
         self._batch_size_fn = batch_size_fn
         self._progressbar = progressbar
 
-        first = next(iter(data), None)
-        if first is None:
-            raise ValueError("data is empty: pass an iterable of (X, y) batches, e.g. [(X, y)] or a DataLoader")
+        first = first_batch(data)
         self._check_batch(*first)
         if num_data is None:
             num_data = sum(self._batch_size(X) for X, _ in data)
