@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import load_average, machine_line
+from common import fill_defaults, load_average, machine_line
 
 from backpack_attention import MultiheadSelfAttention, attention_factors
 from backpack_attention.derivatives.blocks import HessianBlocks
@@ -253,12 +253,7 @@ def parse(argv=None):
                    help=f"markdown output (default: {DEFAULT_OUT} for the full run, none for --quick)")
     args = p.parse_args(argv)
     small, big = dict(d=8, heads=2, L=6, N=2, repeats=3), dict(d=64, heads=4, L=64, N=8, repeats=5)
-    for k, v in (small if args.quick else big).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.out is None and not args.quick:
-        args.out = DEFAULT_OUT
-    return args
+    return fill_defaults(args, small, big, DEFAULT_OUT)
 
 
 def main(argv=None) -> int:

@@ -77,3 +77,14 @@ def load_warning(load: float) -> list:
     return [f"**Warning: this run shared the machine with other work (load average {load:.1f} on "
             f"{os.cpu_count()} cores); times vary by several × between repeats and the verdicts below are "
             "not reliable. Rerun on a quiet machine before quoting them.**", ""]
+
+
+def fill_defaults(args, quick: dict, full: dict, default_out: str):
+    """``args`` with every ``None`` option of ``quick`` (``args.quick``) or ``full`` set to that
+    preset, and ``args.out`` to ``default_out`` for a full run (a ``--quick`` run only prints)."""
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out is None and not args.quick:
+        args.out = default_out
+    return args

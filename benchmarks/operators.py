@@ -36,7 +36,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
-from common import load_average, machine_line, median_time
+from common import load_average, machine_line, median_time, timed_once
 
 from backpack_attention._compat import CURVLINOPS_VERSION, curvlinops_operator, torch_math_attention
 from backpack_attention.models import TinyTransformer, torch_twin
@@ -72,6 +72,16 @@ def eigsh_run(op, v0, k, tol, ctx=None):
     return time.perf_counter() - t, count[0]
 
 
+def time_our_products(row: dict, model, loss_func, params, data, v, repeats: int, gradient) -> None:
+    """Our GGN and Hessian product: the first one (which builds the per-batch cache) and the median
+    of ``repeats`` (seconds and ratio to ``gradient``), into ``row``."""
+    G = AttentionGGNLinearOperator(model, loss_func, params, data, check_deterministic=False)
+    H = AttentionHessianLinearOperator(model, loss_func, params, data, check_deterministic=False)
+    for key, op in (("ggn", G), ("hess", H)):
+        row[f"{key}_first"] = timed_once(lambda op=op: op @ v)
+        row[key], row[f"r_{key}"] = median_time(lambda op=op: op @ v, repeats, gradient)
+
+
 def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh=True):
     model, loss_func, params, data = problem(L, N, d, heads, layers)
     # the model a curvlinops user has today: nn.MultiheadAttention with the same weights; each
@@ -105,16 +115,7 @@ def run(L, N, d, heads, layers, repeats, eig_k, eig_tol, eig_repeats=5, do_eigsh
             Hc = curvlinops_operator("hessian", net, loss_func, ps, data, check_deterministic=False)
             row[f"{key}_ggn"], row[f"r_{key}_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
             row[f"{key}_hess"], row[f"r_{key}_hess"] = median_time(lambda: Hc @ v, repeats, gradient)
-    G = AttentionGGNLinearOperator(model, loss_func, params, data, check_deterministic=False)
-    H = AttentionHessianLinearOperator(model, loss_func, params, data, check_deterministic=False)
-    t = time.perf_counter()
-    G @ v  # first product builds the per-batch cache
-    row["ggn_first"] = time.perf_counter() - t
-    row["ggn"], row["r_ggn"] = median_time(lambda: G @ v, repeats, gradient)
-    t = time.perf_counter()
-    H @ v
-    row["hess_first"] = time.perf_counter() - t
-    row["hess"], row["r_hess"] = median_time(lambda: H @ v, repeats, gradient)
+    time_our_products(row, model, loss_func, params, data, v, repeats, gradient)
     if do_eigsh:
         layers = [list(a.parameters()) for a in model.attention_layers()]
         sets = [(f"layer {i + 1} (whole layer)", ps, tp) for i, (ps, tp) in enumerate(zip(layers, twin_layers))]
@@ -263,16 +264,7 @@ def run_whole_model(L, N, d, heads, layers, repeats):
         Hc = curvlinops_operator("hessian", eager, loss_func, eager_params, data, check_deterministic=False)
         row["cl_ggn"], row["r_cl_ggn"] = median_time(lambda: Gc @ v, repeats, gradient)
         row["cl_hess"], row["r_cl_hess"] = median_time(lambda: Hc @ v, repeats, gradient)
-    G = AttentionGGNLinearOperator(net, loss_func, params, data, check_deterministic=False)
-    H = AttentionHessianLinearOperator(net, loss_func, params, data, check_deterministic=False)
-    t = time.perf_counter()
-    G @ v  # first product builds the per-batch cache
-    row["ggn_first"] = time.perf_counter() - t
-    row["ggn"], row["r_ggn"] = median_time(lambda: G @ v, repeats, gradient)
-    t = time.perf_counter()
-    H @ v
-    row["hess_first"] = time.perf_counter() - t
-    row["hess"], row["r_hess"] = median_time(lambda: H @ v, repeats, gradient)
+    time_our_products(row, net, loss_func, params, data, v, repeats, gradient)
     return row
 
 

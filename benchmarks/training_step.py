@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from common import load_average, machine_line
+from common import fill_defaults, load_average, machine_line
 
 from backpack_attention import MultiheadSelfAttention
 
@@ -168,12 +168,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     small = dict(L=[8, 16], N=2, E=16, heads=4, repeats=3)
     big = dict(L=[64, 512, 2048], N=4, E=256, heads=4, repeats=11)
-    for k, v in (small if args.quick else big).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.out is None and not args.quick:
-        args.out = DEFAULT_OUT
-    return args
+    return fill_defaults(args, small, big, DEFAULT_OUT)
 
 
 def main(argv=None) -> int:

@@ -87,6 +87,15 @@ def problem(seed=0, ce=True, **kw):
     return model, (nn.CrossEntropyLoss() if ce else nn.MSELoss()), X, y
 
 
+def flat_index(full_params, sub):
+    """Positions of the parameters ``sub`` in the concatenation of ``full_params``."""
+    offsets, o = {}, 0
+    for p in full_params:
+        offsets[id(p)] = torch.arange(o, o + p.numel())
+        o += p.numel()
+    return torch.cat([offsets[id(p)] for p in sub])
+
+
 def dense(op, P):
     return op @ torch.eye(P, dtype=DT)
 
@@ -205,11 +214,7 @@ def test_subset_and_order_of_params():
     sub = [model.readout.weight, model.attn.in_proj_weight, model.attn.out_proj_bias]
     ours = dense(ba.AttentionKFACLinearOperator(model, loss_func, sub, [(X, y)], kfac_approx="expand"),
                  sum(p.numel() for p in sub))
-    offsets, o = {}, 0
-    for p in full_params:
-        offsets[id(p)] = torch.arange(o, o + p.numel())
-        o += p.numel()
-    idx = torch.cat([offsets[id(p)] for p in sub])
+    idx = flat_index(full_params, sub)
     assert rel(ours, full[idx][:, idx]) < 1e-12
 
 
@@ -223,11 +228,7 @@ def test_attention_layer_without_its_output_projection(cls):
     full = dense(cls(model, loss_func, full_params, [(X, y)], **kw), sum(p.numel() for p in full_params))
     sub = [model.readout.weight, model.attn.in_proj_weight, model.attn.in_proj_bias]
     ours = dense(cls(model, loss_func, sub, [(X, y)], **kw), sum(p.numel() for p in sub))
-    offsets, o = {}, 0
-    for p in full_params:
-        offsets[id(p)] = torch.arange(o, o + p.numel())
-        o += p.numel()
-    idx = torch.cat([offsets[id(p)] for p in sub])
+    idx = flat_index(full_params, sub)
     assert rel(ours, full[idx][:, idx]) < 1e-12
 
 
