@@ -66,3 +66,25 @@ def _nodes(fn, seen=None):
     for nxt, _ in fn.next_functions:
         _nodes(nxt, seen)
     return seen
+
+
+def test_a_module_that_only_shares_the_class_name_keeps_autograd():
+    """Matching is by class name; a different function under that name gets no closed-form node."""
+
+    class NewGELUActivation(nn.Module):  # not HF's: a different function
+        def forward(self, x):
+            return torch.tanh(x) * x
+
+    model = nn.Sequential(nn.Linear(3, 3, dtype=DT), NewGELUActivation())
+    x = torch.randn(2, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    ps = list(model.parameters())
+    with activation_nodes(model):
+        y = model(x)
+    assert type(y.grad_fn).__name__ != "CachedActivationBackward"
+    g = torch.autograd.grad(y.sum(), ps, create_graph=True)
+    h = torch.autograd.grad(g, ps, [torch.ones_like(p) for p in ps])
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.sum(), ps, create_graph=True)
+    h0 = torch.autograd.grad(g0, ps, [torch.ones_like(p) for p in ps])
+    for a, b in zip(h, h0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
