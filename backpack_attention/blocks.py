@@ -28,7 +28,6 @@ from backpack_attention.derivatives.factors import (
 from backpack_attention.derivatives.forward import AttentionParams
 from backpack_attention.derivatives.loss import batch_weight, check_loss, mean_denominator
 from backpack_attention.checks import check_no_randomness, check_precision
-from backpack_attention.layout import augment
 from backpack_attention.module import as_attention, call_arguments
 
 __all__ = ["attention_factors", "hessian_blocks"]
@@ -76,6 +75,16 @@ class _LayerProbe:
                 + (" (is it part of the model?)" if not self.calls else " (shared layers are not supported)")
             )
         return out
+
+
+def _cat_lambda(lams):
+    """The batches' ``Lambda`` along ``N``; one expanded tensor (no copy) if every batch's is the same
+    ``E x E`` matrix for every token (MSE at the layer output), which would otherwise take ``N L E^2``."""
+    shared = all(t.dim() == 4 and t.stride()[:2] == (0, 0) for t in lams) and all(
+        torch.equal(t[0, 0], lams[0][0, 0]) for t in lams)
+    if shared:
+        return lams[0][:1, :1].expand(sum(t.shape[0] for t in lams), *lams[0].shape[1:])
+    return torch.cat(lams, dim=0)
 
 
 def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_data: Optional[int] = None,
@@ -169,16 +178,24 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
         with torch.no_grad():
             allowed = m.allowed_mask(x, kpm, attn_mask)
             parts["mom"].append(layer_moments(m, x, allowed, r, w_terms))
-        parts["X"].append(augment(x, m.bias))
+        parts["X"].append(parts["mom"][-1].X)
         parts["r"].append(r)
         parts["Lam"].append(Lam)
         parts["Lex"].append(Lex)
 
     cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731
-    moments = MomentTerms(*[cat([getattr(mo, f) for mo in parts["mom"]]) for f in ("A", "M1", "Sigma", "kappa_g", "q", "z")])
-    loss = LossTerms(cat(parts["r"]), cat(parts["Lam"]), separable,
+    data_terms = DataTerms(cat(parts["X"]), m.bias)
+    moms = parts["mom"]
+    allowed = None
+    if any(mo.allowed is not None for mo in moms):
+        L = data_terms.X.shape[1]
+        allowed = cat([torch.ones(mo.A.shape[0], 1, L, L, dtype=torch.bool, device=mo.A.device)
+                       if mo.allowed is None else mo.allowed for mo in moms])
+    moments = MomentTerms(*[cat([getattr(mo, f) for mo in moms]) for f in ("A", "M1", "q", "z")],
+                          data_terms.X, cat([mo.g for mo in moms]), allowed, m.variant)
+    loss = LossTerms(cat(parts["r"]), _cat_lambda(parts["Lam"]), separable,
                      None if parts["Lex"][0] is None else cat(parts["Lex"]))
-    return AttentionFactors(m, DataTerms(cat(parts["X"]), m.bias), w_terms, moments, loss,
+    return AttentionFactors(m, data_terms, w_terms, moments, loss,
                             m.num_heads, m.head_dim, m.attention, m.layout)
 
 

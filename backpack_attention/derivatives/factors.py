@@ -26,6 +26,7 @@ terms at its output. Running the model to collect them is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -53,23 +54,81 @@ class DataTerms:
         return torch.einsum("nla,nlb->ab", self.X, self.X)
 
 
+#: Largest intermediate (in tensor elements) that computing ``Sigma`` or ``kappa_g`` may allocate at
+#: once; the moments are computed in chunks of query rows that stay below it.
+CHUNK_ELEMENTS = 2**24
+
+
 @dataclass
 class MomentTerms:
     r"""Attention moments per sequence ``n``, head ``h`` and query token ``i``.
 
-    ``A`` ``[N, H, L, L]``; ``M1`` ``[N, H, L, d']`` (:math:`\boldsymbol\mu_i`); ``Sigma``
-    ``[N, H, L, d', d']`` (:math:`\tilde{\mathbf X}^\top\mathbf J_i\tilde{\mathbf X}`: the attention
-    covariance for softmax, the masked Gram matrix for linear attention); ``kappa_g``
-    ``[N, H, L, d', d']`` (:math:`\boldsymbol\kappa_i[\mathbf g_i]`, zero for linear attention);
-    ``q`` ``[N, H, L, d_K]`` (unscaled queries) and ``z`` ``[N, H, L, d_h]`` (head outputs).
+    Stored: ``A`` ``[N, H, L, L]``; ``M1`` ``[N, H, L, d']`` (:math:`\boldsymbol\mu_i`); ``q``
+    ``[N, H, L, d_K]`` (unscaled queries) and ``z`` ``[N, H, L, d_h]`` (head outputs); and what the
+    second moments are computed from: ``X`` ``[N, L, d']``, ``g`` ``[N, H, L, d']``
+    (:math:`\mathbf g_i=\mathbf U^h\mathbf r_i`), ``allowed`` (``[N, 1, L, L]`` bool or ``None``) and
+    the attention ``variant``.
+
+    ``Sigma`` ``[N, H, L, d', d']`` (:math:`\tilde{\mathbf X}^\top\mathbf J_i\tilde{\mathbf X}`: the
+    attention covariance for softmax, the masked Gram matrix for linear attention) and ``kappa_g``
+    ``[N, H, L, d', d']`` (:math:`\boldsymbol\kappa_i[\mathbf g_i]`, zero for linear attention) are
+    computed on first access (then kept): they take ``N H L d'^2`` elements each, far more than
+    everything else at long sequences (8 GiB each in float32 at ``N=4, H=4, L=2048, E=256``).
+    :meth:`sigma` and :meth:`kappa` give them for one head and a chunk of sequences and query rows;
+    the closed-form blocks only use those, so they never hold all of them at once.
     """
 
     A: Tensor
     M1: Tensor
-    Sigma: Tensor
-    kappa_g: Tensor
     q: Tensor
     z: Tensor
+    X: Tensor
+    g: Tensor
+    allowed: Optional[Tensor]
+    variant: object
+
+    def _rows(self, h, n: slice, rows: slice):
+        """``A``, ``M1``, ``g`` and ``allowed`` of sequences ``n``, head(s) ``h``, query ``rows``."""
+        hs = slice(None) if h is None else slice(h, h + 1)
+        allowed = None if self.allowed is None else self.allowed[n, :, rows]
+        return self.A[n, hs, rows], self.M1[n, hs, rows], self.g[n, hs, rows], allowed
+
+    def _chunked(self, compute, h, n: slice, rows: slice) -> Tensor:
+        """``compute(A, X, M1, g, allowed)`` over sub-chunks of ``rows`` (each intermediate below
+        :data:`CHUNK_ELEMENTS`), written into one ``[n, heads, rows, d', d']`` tensor."""
+        A, M1, g, allowed = self._rows(h, n, rows)
+        X = self.X[n]
+        Nn, Hn, R, L = A.shape
+        d = X.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // max(1, Nn * Hn * L * d))
+        if step >= R:
+            out = compute(A, X, M1, g, allowed)
+        else:
+            out = X.new_empty(Nn, Hn, R, d, d)
+            for i in range(0, R, step):
+                j = slice(i, i + step)
+                out[:, :, j] = compute(A[:, :, j], X, M1[:, :, j], g[:, :, j],
+                                       None if allowed is None else allowed[:, :, j])
+        return out if h is None else out[:, 0]
+
+    def sigma(self, h: Optional[int] = None, n: slice = slice(None), rows: slice = slice(None)) -> Tensor:
+        r""":math:`\boldsymbol\Sigma_i` of head ``h`` (all heads if ``None``), sequences ``n`` and query
+        ``rows``: ``[n, rows, d', d']`` (``[n, H, rows, d', d']`` for all heads)."""
+        return self._chunked(lambda A, X, M1, g, al: self.variant.sigma(A, X, M1, al), h, n, rows)
+
+    def kappa(self, h: Optional[int] = None, n: slice = slice(None), rows: slice = slice(None)) -> Tensor:
+        r""":math:`\boldsymbol\kappa_i[\mathbf g_i]`, in the layout of :meth:`sigma`."""
+        return self._chunked(lambda A, X, M1, g, al: self.variant.kappa_g(A, X, M1, g), h, n, rows)
+
+    @cached_property
+    def Sigma(self) -> Tensor:
+        """``[N, H, L, d', d']``, all of them (computed on first access)."""
+        return self.sigma()
+
+    @cached_property
+    def kappa_g(self) -> Tensor:
+        """``[N, H, L, d', d']``, all of them (computed on first access)."""
+        return self.kappa()
 
 
 @dataclass
@@ -115,11 +174,11 @@ def layer_moments(layer, x: Tensor, allowed, r: Tensor, weights: HeadWeights) ->
     """
     fwd = ForwardQuantities(layer, x, allowed)
     X = augment(x.detach(), layer.layout.bias)
-    A, variant = fwd.A, layer.variant
-    M1 = A @ X[:, None]
-    Sigma = variant.sigma(A, X, M1, allowed)
+    M1 = fwd.A @ X[:, None]
     g = torch.einsum("hae,nle->nhla", weights.U, r)
-    return MomentTerms(A, M1, Sigma, variant.kappa_g(A, X, M1, g), fwd.Q, fwd.O)
+    if allowed is not None:
+        allowed = allowed.expand(x.shape[0], 1, *allowed.shape[-2:])
+    return MomentTerms(fwd.A, M1, fwd.Q, fwd.O, X, g, allowed, layer.variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +194,7 @@ def output_terms(model_out, loss_func, y, F0: Tensor, out0: Tensor, w: float):
         r = w * torch.func.grad(lambda f: loss_func(f, y))(F0)
         N, L, E = F0.shape
         c = w * (2.0 / F0.numel() if loss_func.reduction == "mean" else 2.0)
-        Lam = c * torch.eye(E, dtype=F0.dtype, device=F0.device).expand(N, L, E, E)
+        Lam = (c * torch.eye(E, dtype=F0.dtype, device=F0.device)).expand(N, L, E, E)  # one E x E in memory
         return r, Lam, True, None
 
     def loss_of(f):
