@@ -27,7 +27,7 @@ from backpack_attention.derivatives.factors import (
 )
 from backpack_attention.derivatives.forward import AttentionParams
 from backpack_attention.derivatives.loss import batch_weight, check_loss, mean_denominator
-from backpack_attention.checks import check_no_randomness, check_precision
+from backpack_attention.checks import check_memory, check_no_randomness, check_precision
 from backpack_attention.module import as_attention, call_arguments
 
 __all__ = ["attention_factors", "hessian_blocks"]
@@ -143,7 +143,7 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
     probe = _LayerProbe(m)
     w_terms = m.layout.head_weights(*AttentionParams.of(m))
     # First pass: validate every batch before any curvature work.
-    firsts = []
+    firsts, token_separable = [], []
     with torch.no_grad():
         for X, y in batches:
             out = probe.run(model_func, X)
@@ -154,8 +154,22 @@ def attention_factors(model_func, loss_func, module: nn.Module, data, *, num_dat
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"loss is not finite ({loss.item()}) on a batch of data")
             firsts.append(probe.calls[0][0])
+            token_separable.append(out is probe.calls[0][1] and isinstance(loss_func, nn.MSELoss))
     if len({args[0].shape[1] for args in firsts}) > 1:
         raise ValueError("data: all batches must have the same sequence length L")
+    N_all, L = sum(args[0].shape[0] for args in firsts), firsts[0][0].shape[1]
+    check_memory(m.in_proj_weight.element_size() * N_all * m.num_heads * L * L * 3, m.in_proj_weight.device,
+                 f"data: the attention matrices A [N, H, L, L] = [{N_all}, {m.num_heads}, {L}, {L}] of all sequences",
+                 "use fewer or shorter sequences (or several calls on parts of the data), or the operators")
+    if not all(token_separable):
+        # the output curvature is dense per sequence: Lambda (and the exact one) [N, L E, L E]
+        LE = L * firsts[0][0].shape[2]
+        item = m.in_proj_weight.element_size()
+        check_memory(item * LE * LE * (2 * N_all + 1), m.in_proj_weight.device,
+                     f"module: its output is not the model output under nn.MSELoss, so the curvature above it "
+                     f"is a dense [L E, L E] = [{LE}, {LE}] matrix per sequence ({N_all} sequences), which",
+                     "use fewer or shorter sequences, or the operators (AttentionGGNLinearOperator, "
+                     "AttentionHessianLinearOperator), which never form it")
 
     parts = {k: [] for k in ("X", "mom", "r", "Lam", "Lex")}
     separable = None

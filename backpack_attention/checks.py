@@ -54,3 +54,28 @@ def check_no_randomness(model: nn.Module, name: str = "model_func") -> None:
             f"{name}: dropout modules {random} are active (train mode, p > 0), so the curvature would be "
             f"random; call {name}.eval() or set their p to 0"
         )
+
+
+def memory_limit_bytes(device) -> int:
+    """Memory of the machine the computation runs on: the GPU's total memory on CUDA, else the
+    host's physical memory (``0`` if unknown, which disables :func:`check_memory`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(needed: int, device, what: str, advice: str) -> None:
+    """Refuse a computation whose unavoidable tensors alone take more than the machine's memory
+    (``needed`` bytes) before any of it runs. Raises ``MemoryError`` naming ``what`` and ``advice``."""
+    limit = memory_limit_bytes(device)
+    if limit and needed > limit:
+        raise MemoryError(
+            f"{what} takes about {needed / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of memory of "
+            f"this machine ({torch.device(device)}); {advice}"
+        )

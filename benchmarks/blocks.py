@@ -213,8 +213,10 @@ def report(res: dict, command: str) -> str:
         f"full {e['full']:.2e}, outer {e['outer']:.2e}, functional {e['functional']:.2e} "
         f"(max {res['max_rel_err']:.2e}, required < {TOL:g}).",
         "- Ours: `attention_factors` runs the model once with the default (fused) kernel and collects "
-        "the factors of the whole layer (all heads); the block step builds the (Q, 0) group block, "
-        "outer and functional together, from them. Other blocks of the same layer reuse the factors.",
+        "the factors of the whole layer (all heads: A, M1, queries, head outputs, loss terms); the block "
+        "step computes head 0's second moments (Sigma_i, kappa_i[g_i]) and builds the (Q, 0) block, outer "
+        "and functional, from them, chunk by chunk over the tokens. Other blocks of the same layer reuse "
+        "the factors.",
         "- torch.func: on `module.to_torch()` (same weights) under `sdpa_kernel(SDPBackend.MATH)`, the "
         f"loss/output as a function of only the {c['d_K']} rows of `in_proj_weight` of head 0.",
     ]

@@ -197,3 +197,36 @@ def test_blocks_and_factors_accept_dict_inputs_like_the_operators():
     blocks = ba.hessian_blocks(net, loss, net.attn, data, batch_size_fn=size).matrix("full")
     op = AttentionHessianLinearOperator(net, loss, list(net.attn.parameters()), data, batch_size_fn=size)
     assert rel_error(blocks, op @ torch.eye(op.shape[1], dtype=DT)) < 1e-10
+
+
+@pytest.mark.parametrize("readout", [False, True])
+def test_blocks_beyond_memory_are_refused_before_work(monkeypatch, readout):
+    """hessian_blocks/attention_factors refuse data whose unavoidable tensors (the attention matrices,
+    and the dense [L E, L E] output curvature below a readout) exceed the machine's memory, before
+    running the model; a machine with enough memory gets the blocks."""
+    import backpack_attention.blocks as bblocks
+    import backpack_attention.checks as checks
+
+    torch.manual_seed(0)
+    attn = MultiheadSelfAttention(4, 2, dtype=torch.float64)
+    model = nn.Sequential(attn, nn.Linear(4, 4, dtype=torch.float64)) if readout else nn.Sequential(attn)
+    X, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    A_bytes = 8 * 3 * 2 * 5 * 5 * 3
+    dense_bytes = 8 * 20 * 20 * (2 * 3 + 1)
+    calls = []
+    monkeypatch.setattr(bblocks, "output_terms", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("work started")))
+    monkeypatch.setattr(checks, "memory_limit_bytes", lambda device: A_bytes - 1)
+    with pytest.raises(MemoryError, match=r"data: the attention matrices A \[N, H, L, L\] = \[3, 2, 5, 5\]"):
+        ba.hessian_blocks(model, nn.MSELoss(), attn, (X, y))
+    monkeypatch.setattr(checks, "memory_limit_bytes", lambda device: max(A_bytes, dense_bytes - 1))
+    if readout:
+        with pytest.raises(MemoryError, match=r"dense \[L E, L E\] = \[20, 20\] matrix per sequence.*operators"):
+            ba.attention_factors(model, nn.MSELoss(), attn, (X, y))
+    assert not calls
+    monkeypatch.undo()
+    # enough memory: the dense matrix only where it is needed (below a readout)
+    limit = dense_bytes if readout else dense_bytes - 1
+    monkeypatch.setattr(checks, "memory_limit_bytes", lambda device: limit)
+    blocks = ba.hessian_blocks(model, nn.MSELoss(), attn, (X, y))
+    assert blocks[("W_V", 0), ("W_V", 0)].full.shape == (8, 8)
