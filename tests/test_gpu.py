@@ -5,7 +5,8 @@
 with masks (its masked-row check is an asynchronous device assertion there), the products of the
 GGN, Hessian and KFAC operators once their caches (and factors) are built, and the product of a
 damped KFAC inverse once its eigendecompositions exist.
-Skipped without a GPU; run on one when available (the issue note says whether it was).
+Skipped without a GPU; run on one when available (the issue note says whether it was). On the CPU,
+tests/test_host_sync.py checks the same products for synchronising calls with a dispatch mode.
 """
 
 from __future__ import annotations

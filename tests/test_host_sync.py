@@ -1,0 +1,108 @@
+"""No host synchronisation in the product loop, checked on the CPU.
+
+On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` catches synchronising calls (tests/test_gpu.py,
+skipped without one). Here the same calls are caught on the CPU: a dispatch mode records the ATen
+operators that read a tensor's data on the host or have data-dependent shapes (``.item()``,
+``bool(t)``, ``float(t)``, ``nonzero``, ``masked_select``, boolean indexing, ``unique``), and
+``Tensor.cpu``/``tolist``/``numpy`` are recorded while the products run. None may occur in the
+products of the GGN, Hessian, KFAC and EKFAC operators or of a KFAC inverse once their caches and
+factors exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import backpack_attention as ba
+from backpack_attention.models import TinyTransformer
+
+_SYNC_OPS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in _SYNC_OPS or boolean_index:
+            self.hits.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_syncs(monkeypatch):
+    """Records synchronising calls made inside the block; yields the list of their names."""
+    rec = _Recorder()
+    for name in ("cpu", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def record(self, *a, _name=name, _original=original, **k):
+            rec.hits.append(f"Tensor.{_name}")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, record)
+    with rec:
+        yield rec.hits
+    monkeypatch.undo()
+
+
+def test_recorder_catches_synchronising_calls(monkeypatch):
+    t = torch.randn(4)
+    with host_syncs(monkeypatch) as hits:
+        t.sum().item()
+        bool(t[0] > 0)
+        t[t > 0]  # noqa: B018
+        t.cpu()
+        t.tolist()
+    assert hits == ["aten._local_scalar_dense.default", "aten._local_scalar_dense.default", "aten.index.Tensor",
+                    "Tensor.cpu", "Tensor.tolist"]
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=8, d_model=8, num_heads=2, num_layers=2, max_len=6, readout="token",
+                            norm="pre", causal=True, dtype=torch.float64).eval()
+    X, y = torch.randint(0, 8, (3, 6)), torch.randint(0, 8, (3, 6))
+    X[0, -2:] = 0  # some repeated tokens; nothing data-dependent should matter
+    return model, nn.CrossEntropyLoss(), [(X, y)]
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "kfac", "ekfac"])
+def test_products_do_not_synchronise(monkeypatch, kind):
+    model, loss_func, data = _problem()
+    if kind in ("kfac", "ekfac"):
+        params = [p for n, p in model.named_parameters() if "attn" in n or "mlp" in n]
+        cls = ba.AttentionKFACLinearOperator if kind == "kfac" else ba.AttentionEKFACLinearOperator
+        op = cls(model, loss_func, params, data)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        cls = ba.AttentionGGNLinearOperator if kind == "ggn" else ba.AttentionHessianLinearOperator
+        op = cls(model, loss_func, params, data)
+    v = torch.randn(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    V = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    first = op @ v  # builds the cache / the factors (may synchronise: validation, eigendecompositions)
+    inv = op.inverse(damping=1e-2) if kind == "kfac" else None
+    if inv is not None:
+        inv @ v
+    with host_syncs(monkeypatch) as hits:
+        again = op @ v
+        op @ V
+        if inv is not None:
+            inv @ v
+    assert hits == []
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
