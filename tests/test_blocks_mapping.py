@@ -71,6 +71,26 @@ def test_blocks_and_factors_are_snapshots():
 
 
 @pytest.mark.parametrize("bias", [True, False])
+def test_lazily_computed_moments_are_snapshots(bias):
+    """Sigma and kappa_g are formed on first access; reading them after an optimizer step and an
+    in-place change of the data still gives the moments at the time of the call."""
+    attn, loss, (X, Y) = _problem(bias)
+    factors = attention_factors(attn, loss, attn, (X, Y))
+    ref = attention_factors(attn, loss, attn, (X.clone(), Y.clone())).moments
+    Sigma, kappa = ref.Sigma.clone(), ref.kappa_g.clone()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        X.mul_(2.0)
+        Y.add_(1.0)
+    assert torch.equal(factors.moments.Sigma, Sigma)
+    assert torch.equal(factors.moments.kappa_g, kappa)
+    assert kappa.abs().max() > 0  # not trivially equal
+    fresh = attention_factors(attn, loss, attn, (X, Y)).moments
+    assert not torch.allclose(fresh.Sigma, Sigma)
+
+
+@pytest.mark.parametrize("bias", [True, False])
 def test_weights_do_not_share_storage_with_parameters(bias):
     attn, loss, data = _problem(bias)
     w = attention_factors(attn, loss, attn, data).weights
