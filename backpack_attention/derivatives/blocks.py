@@ -145,8 +145,11 @@ class _Factor:
 
 
 def _kron_sum(spec: str, P: Tensor, Q: Tensor) -> Tensor:
-    """``einsum(spec, P, Q)`` for per-token ``P [n, l, x, y]`` and ``Q [n, l, u, v]`` summed over tokens:
-    one GEMM, no intermediate larger than its operands."""
+    """``einsum(spec, P, Q)`` for per-token ``P [n, l, x, y]`` and ``Q [n, l, u, v]`` summed over tokens.
+
+    Always two operands, so that torch runs one GEMM over the ``n l`` tokens (``[x y, n l] @ [n l, u v]``)
+    and its output, a permuted view of ``[x, y, u, v]``, is the only new block-sized tensor (with three
+    operands the contraction order, and its per-token intermediates, would be torch's choice)."""
     return torch.einsum(spec, P, Q)
 
 
