@@ -59,6 +59,7 @@ def _budget_for_rows(blocks_obj_args, rows):
     return per_token * rows * 8
 
 
+@pytest.mark.parametrize("keep_terms", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, "two sequences"])
 @pytest.mark.parametrize("H,bias,mask,attention", [
     (1, True, "causal", "softmax"),
@@ -66,17 +67,20 @@ def _budget_for_rows(blocks_obj_args, rows):
     (2, True, "none", "linear"),
     (3, True, "padding", "linear"),
 ])
-def test_chunked_blocks_equal_autodiff(monkeypatch, rows, H, bias, mask, attention):
+def test_chunked_blocks_equal_autodiff(monkeypatch, rows, H, bias, mask, attention, keep_terms):
     N, L = 3, 5
     model, X, Y = _model(H, bias, mask, attention, N, L, seed=hash((rows, H, bias, mask, attention)) % 2**31)
     budget_rows = 2 * L if rows == "two sequences" else rows
     monkeypatch.setattr(dblocks, "CHUNK_BYTES", _budget_for_rows((2 * H, H, bias), budget_rows))
     monkeypatch.setattr(dfactors, "CHUNK_ELEMENTS", 1)  # Sigma and kappa one query row at a time
+    # per-head terms kept across blocks, or recomputed for each block (large problems)
+    monkeypatch.setattr(dblocks, "TERMS_CACHE_BYTES", 2**40 if keep_terms else 0)
     # two batches (one with a fixed padding mask, which needs all sequences in each batch)
     data = [(X, Y)] if mask == "padding" else [(X[:2], Y[:2]), (X[2:], Y[2:])]
     blocks = hessian_blocks(model, nn.MSELoss(), model.attn, data)
     expected = {1: N * L, 2: N * 3, "two sequences": 2}[rows]
     assert len(blocks._chunks) == expected  # the budget really splits the tokens
+    assert blocks._keep_terms == keep_terms
     H_ref, G_ref = dense_hessian_and_ggn(model, nn.MSELoss(), list(model.attn.parameters()), data)
     for part, ref in (("outer", G_ref), ("full", H_ref), ("functional", H_ref - G_ref)):
         assert rel_err(blocks.matrix(part), ref) < TOL, part

@@ -58,6 +58,11 @@ class Block:
 #: chunk so that per-token terms (``Sigma_i``, ``kappa_i[g_i]``, ``U^T Sigma_i``, Kronecker pairs) of
 #: all tokens are never held at once.
 CHUNK_BYTES = 2**28
+#: Per-head per-token terms (``Sigma_i``, ``kappa_i[g_i]``, ``C_i``, ``B_i``, ...) of all heads and
+#: tokens up to this size (bytes) are kept once computed, so that the blocks of many group pairs
+#: (:meth:`HessianBlocks.matrix`) compute each head's second moments once; above it they are
+#: recomputed for each block (memory stays bounded by a chunk).
+TERMS_CACHE_BYTES = 2**30
 #: Group blocks up to this size (bytes) are kept for later keys that need them; larger ones are
 #: recomputed, so that a large block is held once (in the torch layout asked for), not twice.
 CACHE_BYTES = 2**26
@@ -232,23 +237,26 @@ class HessianBlocks(Mapping):
                 self._chunks = [self._all]
         else:  # dense Lambda [N, L E, L E] couples the tokens of a sequence: one chunk (small L)
             self._chunks = [self._all]
+        terms = self.H * N * L * (2 * d * d + self.E * (d + self.dk) + 2 * d + 2 * self.dk)
+        self._keep_terms = terms * f.loss.r.element_size() <= TERMS_CACHE_BYTES
         self._cache = {}
         self._head_terms = {}
         self._current = (None, {})
 
     def _terms(self, h: int, chunk: _Chunk) -> _HeadChunk:
-        """Per-head terms on ``chunk``: kept for all heads when one chunk covers all tokens (small
-        problems), else only while the same chunk is asked for (both factors of a block)."""
-        if chunk is not self._all:
-            if self._current[0] is not chunk:
-                self._current = (chunk, {})
-            terms = self._current[1]
-            if h not in terms:
-                terms[h] = _HeadChunk(self.factors, h, chunk)
-            return terms[h]
-        if h not in self._head_terms:
-            self._head_terms[h] = _HeadChunk(self.factors, h, self._all)
-        return self._head_terms[h]
+        """Per-head terms on ``chunk``: kept for every head and chunk when all of them fit
+        :data:`TERMS_CACHE_BYTES` (and always for the whole-data chunk of the dense path), else only
+        while the same chunk is asked for (both factors of a block)."""
+        if self._keep_terms or chunk is self._all:
+            if (h, chunk) not in self._head_terms:
+                self._head_terms[h, chunk] = _HeadChunk(self.factors, h, chunk)
+            return self._head_terms[h, chunk]
+        if self._current[0] is not chunk:
+            self._current = (chunk, {})
+        terms = self._current[1]
+        if h not in terms:
+            terms[h] = _HeadChunk(self.factors, h, chunk)
+        return terms[h]
 
     # ---- group algebra ------------------------------------------------------------------------
     def _group_dims(self, group) -> Tuple[int, int]:
