@@ -106,3 +106,24 @@ def test_products_do_not_synchronise(monkeypatch, kind):
             inv @ v
     assert hits == []
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kfac_factor_computation_does_not_synchronise(monkeypatch, kind):
+    """Computing the Kronecker factors (the data loop: forward, loss sides, covariances, trace
+    weights) makes no synchronising call either. The module's masked-row check is replaced by what
+    runs on an accelerator (an asynchronous device assertion); on the CPU it reads the mask."""
+    import backpack_attention.module as module
+
+    model, loss_func, data = _problem()
+    params = [p for n, p in model.named_parameters() if "attn" in n or "mlp" in n]
+    cls = ba.AttentionKFACLinearOperator if kind == "kfac" else ba.AttentionEKFACLinearOperator
+    op = cls(model, loss_func, params, data, check_deterministic=False)  # index bookkeeping (CPU) here
+    v = torch.randn(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    first = op @ v
+    monkeypatch.setattr(module, "check_on_device", lambda cond, msg: torch._assert_async(cond, msg) or True)
+    with host_syncs(monkeypatch) as hits:
+        op.compute_kronecker_factors()
+        again = op @ v
+    assert hits == []
+    torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-14)

@@ -410,3 +410,30 @@ def test_kfac_quality_numbers_are_computed():
     assert q.errors[("W_K", 1)]["expand"] == pytest.approx(rel(D[idx][:, idx], G[idx][:, idx]), rel=1e-10)
     assert all(0.0 <= a <= 180.0 for a in q.angles.values())
     assert "| W_V | 0 |" in q.table()
+
+
+def test_layer_without_curvature_gets_finite_factors():
+    """A layer whose output does not reach the loss has trace weights summing to 0: its data side
+    is not divided by that 0 (no NaN), and its blocks are exactly zero."""
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = ba.MultiheadSelfAttention(4, 2, causal=True, dtype=torch.float64)
+            self.out = nn.Linear(4, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.out(x + 0.0 * self.attn(x)).transpose(1, 2)  # [N, C, L] for CE
+
+    torch.manual_seed(0)
+    model = Dead()
+    data = [(torch.randn(2, 5, 4, dtype=torch.float64), torch.randint(0, 3, (2, 5)))]
+    params = list(model.attn.parameters())
+    K = ba.AttentionKFACLinearOperator(model, nn.CrossEntropyLoss(), params, data, kfac_approx="attention",
+                                       check_deterministic=False)
+    K.compute_kronecker_factors()
+    for b in K._blocks:
+        assert torch.isfinite(b.in_factor).all() and torch.isfinite(b.out_factor).all(), b.name
+    v = torch.randn(K.shape[1], dtype=torch.float64)
+    assert (K @ v).abs().max() == 0
+    assert torch.isfinite(K.inverse(damping=1e-2) @ v).all()

@@ -487,7 +487,7 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
                             if weighted:
                                 w = weights.get((name, j, g), torch.zeros(d.shape[:-1], dtype=d.dtype, device=d.device))
                                 add((name, g), k, kmath.data_covariance(d, approx, w.reshape(d.shape[0], -1)))
-                                cov[(name, g)][2] += float(w.sum())
+                                cov[(name, g)][2] = cov[(name, g)][2] + w.sum()  # a tensor: no host read
                             else:  # the twin's q/k/v share their input: one covariance
                                 if (id(d), approx) not in memo:
                                     memo[(id(d), approx)] = kmath.data_covariance(d, approx)
@@ -500,9 +500,10 @@ class AttentionKFACLinearOperator(PyTorchLinearOperator):
                 data_side = "out" if kmath.loss_side(b.group, self._kfac_approx) == "in" else "in"
             else:
                 data_side = "in"
-            norm = wsum if self._weighted(mod) else float(self._N_data)
-            if norm <= 0:  # no curvature reached this group: its data side is irrelevant
-                norm = float(self._N_data)
+            norm = float(self._N_data)
+            if self._weighted(mod):  # no curvature reached this group (total 0): its data side is irrelevant
+                wsum = torch.as_tensor(wsum, dtype=self._dtype, device=self._device)
+                norm = torch.where(wsum > 0, wsum, norm)
             if data_side == "in":
                 in_c = in_c / norm
             else:
