@@ -127,3 +127,26 @@ def test_kfac_factor_computation_does_not_synchronise(monkeypatch, kind):
         again = op @ v
     assert hits == []
     torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+def test_rebuild_after_a_step_does_not_synchronise(monkeypatch, kind):
+    """After an optimizer step the next product rebuilds the cached batch (forward pass, loss
+    terms, batch weight) without reading the device (the batch weights are remembered from the
+    construction; tests/test_reliability.py checks that targets changed in place are re-read)."""
+    import backpack_attention.module as module
+
+    model, loss_func, data = _problem()
+    cls = ba.AttentionGGNLinearOperator if kind == "ggn" else ba.AttentionHessianLinearOperator
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = cls(model, loss_func, params, data, check_deterministic=False)
+    v = torch.randn(op.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    op @ v
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    monkeypatch.setattr(module, "check_on_device", lambda cond, msg: torch._assert_async(cond, msg) or True)
+    with host_syncs(monkeypatch) as hits:
+        after_step = op @ v
+    assert hits == []
+    torch.testing.assert_close(after_step, cls(model, loss_func, params, data) @ v, rtol=1e-12, atol=1e-14)

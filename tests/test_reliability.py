@@ -86,6 +86,27 @@ def test_cached_operators_follow_changes(op_cls, change):
     assert rel_error(before, ref) > 1e-3  # the change mattered
 
 
+@pytest.mark.parametrize("op_cls", [AttentionGGNLinearOperator, AttentionHessianLinearOperator])
+def test_targets_changed_in_place_reweight_the_batches(op_cls):
+    """Cross-entropy's mean counts the targets that are not ignore_index over all data; when a
+    target tensor is changed in place after construction (here: more ignored targets in the second
+    batch), the batch weights are re-read (they were stale before: 8% off)."""
+    torch.manual_seed(0)
+    model = Net()  # [N, L, 3] -> classes last: CrossEntropyLoss wants [N, C, L]
+    model.out.register_forward_hook(lambda mod, args, out: out.transpose(1, 2))
+    data = [(torch.randn(3, 5, 4, dtype=DT), torch.randint(0, 3, (3, 5))) for _ in range(2)]
+    params = list(model.attn.parameters())
+    loss = nn.CrossEntropyLoss()
+    op = op_cls(model, loss, params, data)
+    v = torch.randn(op.shape[1], dtype=DT)
+    before = op @ v
+    data[1][1][:2] = loss.ignore_index
+    after = op @ v
+    ref = op_cls(model, loss, params, data) @ v
+    assert rel_error(after, ref) < 1e-12
+    assert rel_error(before, ref) > 1e-3  # the change mattered
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_is_refused(dtype):
     net, loss, data = _problem(dtype=torch.float32)

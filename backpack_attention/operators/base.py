@@ -9,6 +9,7 @@ which product one batch contributes (:meth:`AttentionCurvatureLinearOperator._ba
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import MutableMapping
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -107,6 +108,11 @@ def _all_reduce_int(n: int, device) -> int:
     t = torch.tensor([n], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return int(t.item())
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s in-place version counter (``None`` for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
 
 
 def tensor_list(params) -> List[Tensor]:
@@ -237,12 +243,11 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         # (counted targets for cross-entropy, entries for MSE; derivatives/loss.py), or, with an
         # explicit num_data, curvlinops' batch_size / num_data.
         self._by_denominator = num_data is None
+        # Denominators read at construction, by target tensor (identity and version), so that
+        # rebuilding a batch after a parameter change reads nothing from the device.
+        self._known_denominators: Dict[int, tuple] = {}
         if num_data is None:  # with torch.distributed: the total over all ranks' shards
-            sizes = [(self._batch_size(X), self._denominator(X, y)) for X, y in data]
-            num_data = _all_reduce_int(sum(n for n, _ in sizes), self._device)
-            self._den_total = _all_reduce_float(sum(d for _, d in sizes), self._device)
-            if self._den_total <= 0 and self._loss_func.reduction == "mean":
-                raise ValueError("data: no target is counted by loss_func (all are ignore_index?)")
+            num_data = self._read_denominators(data)
         if not isinstance(num_data, int) or num_data <= 0:
             raise ValueError(f"num_data must be a positive int, got {num_data!r}")
         self._N_data = num_data
@@ -283,8 +288,39 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     def _check_batch(self, X, y) -> None:
         check_batch(X, y, self._batch_size_fn, self._device, self._dtype)
 
-    def _denominator(self, X, y) -> float:
-        return mean_denominator(self._loss_func, self._batch_size(X), y)
+    def _read_denominators(self, data) -> int:
+        """Read every batch's mean denominator and their total (``_den_total``); the number of sequences."""
+        self._known_denominators.clear()
+        sizes = [(self._batch_size(X), self._denominator(X, y, remember=True)) for X, y in data]
+        self._den_total = _all_reduce_float(sum(d for _, d in sizes), self._device)
+        if self._den_total <= 0 and self._loss_func.reduction == "mean":
+            raise ValueError("data: no target is counted by loss_func (all are ignore_index?)")
+        return _all_reduce_int(sum(n for n, _ in sizes), self._device)
+
+    def _refresh_denominators(self) -> None:
+        """Re-read the batch weights if a target was changed in place (e.g. more ``ignore_index``),
+        and drop the cache, whose batches carry the old weights."""
+        if self._by_denominator and self._targets_changed():
+            self._read_denominators(self._data)
+            self.clear_cache()
+
+    def _targets_changed(self) -> bool:
+        """Whether a target tensor read at construction was changed in place since (host-side check)."""
+        for ref, version, _ in self._known_denominators.values():
+            y = ref()
+            if y is not None and _version(y) != version:
+                return True
+        return False
+
+    def _denominator(self, X, y, remember: bool = False) -> float:
+        if isinstance(y, Tensor):
+            known = self._known_denominators.get(id(y))
+            if known is not None and known[0]() is y and known[1] == _version(y):
+                return known[2]
+        den = mean_denominator(self._loss_func, self._batch_size(X), y)
+        if remember and isinstance(y, Tensor):  # a weak reference: batches of a DataLoader are not kept
+            self._known_denominators[id(y)] = (weakref.ref(y), _version(y), den)
+        return den
 
     def _factor(self, X, y) -> float:
         """Weight of a batch's loss in the empirical risk (0: the batch counts no target)."""
@@ -348,6 +384,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
         if any(m.dtype != self._dtype for m in M):  # computed in the operator's dtype (as curvlinops)
             return [r.to(out_dtype) for r in self._matmat([m.to(self._dtype) for m in M], use_cache)]
         M = [_normal(m) for m in M]
+        self._refresh_denominators()
         if use_cache:
             self._refresh_cache()
         out = [torch.zeros_like(m) for m in M]
@@ -376,6 +413,7 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
     @torch.inference_mode(False)
     def _loss_and_gradient(self):
         loss, grads = None, [torch.zeros_like(p) for p in self._params]
+        self._refresh_denominators()
         for X, y in self._data:
             f = self._factor(X, y)
             if f == 0:
