@@ -22,7 +22,7 @@ from backpack_attention.derivatives.loss import batch_weight, mean_denominator
 from backpack_attention.layout import PARAM_NAMES
 from backpack_attention.module import MultiheadSelfAttention
 from backpack_attention.checks import check_no_randomness, check_precision, check_reiterable
-from backpack_attention.operators.engine import BatchState
+from backpack_attention.operators.engine import BatchState, tensor_key
 
 # ---------------------------------------------------------------------------------------------
 # parameter bookkeeping
@@ -110,11 +110,6 @@ def _all_reduce_int(n: int, device) -> int:
     return int(t.item())
 
 
-def _version(t: Tensor) -> Optional[int]:
-    """``t``'s in-place version counter (``None`` for inference tensors, which have none)."""
-    return None if t.is_inference() else t._version
-
-
 def tensor_list(params) -> List[Tensor]:
     """``params`` (a list of tensors or a dict name -> tensor) as a list; ``TypeError`` otherwise."""
     params = as_param_list(params)
@@ -181,15 +176,11 @@ class ModelState:
 
     def __init__(self, model: nn.Module):
         self.tensors = [t for t in list(model.parameters()) + list(model.buffers())]
-        self.keys = [self._key(t) for t in self.tensors]
+        self.keys = [tensor_key(t) for t in self.tensors]
         self.values = [t.detach().clone() if t.device.type == "cpu" else None for t in self.tensors]
 
-    @staticmethod
-    def _key(t: Tensor):
-        return t._version, t.data_ptr(), tuple(t.shape)
-
     def changed(self) -> bool:
-        if any(self._key(t) != k for t, k in zip(self.tensors, self.keys)):
+        if any(tensor_key(t) != k for t, k in zip(self.tensors, self.keys)):
             return True
         return any(v is not None and not torch.equal(t.detach(), v) for t, v in zip(self.tensors, self.values))
 
@@ -306,20 +297,20 @@ class AttentionCurvatureLinearOperator(PyTorchLinearOperator):
 
     def _targets_changed(self) -> bool:
         """Whether a target tensor read at construction was changed in place since (host-side check)."""
-        for ref, version, _ in self._known_denominators.values():
+        for ref, key, _ in self._known_denominators.values():
             y = ref()
-            if y is not None and _version(y) != version:
+            if y is not None and tensor_key(y) != key:
                 return True
         return False
 
     def _denominator(self, X, y, remember: bool = False) -> float:
         if isinstance(y, Tensor):
             known = self._known_denominators.get(id(y))
-            if known is not None and known[0]() is y and known[1] == _version(y):
+            if known is not None and known[0]() is y and known[1] == tensor_key(y):
                 return known[2]
         den = mean_denominator(self._loss_func, self._batch_size(X), y)
         if remember and isinstance(y, Tensor):  # a weak reference: batches of a DataLoader are not kept
-            self._known_denominators[id(y)] = (weakref.ref(y), _version(y), den)
+            self._known_denominators[id(y)] = (weakref.ref(y), tensor_key(y), den)
         return den
 
     def _factor(self, X, y) -> float:

@@ -50,6 +50,13 @@ class _CallRecorder:
             h.remove()
 
 
+def tensor_key(t: Tensor) -> tuple:
+    """What tells whether ``t`` was changed in place, read without its data (no host
+    synchronisation): its version counter (``None`` for inference tensors, which have none), data
+    pointer and shape. (``p.data`` writes bump no version counter; see ``ModelState``.)"""
+    return (None if t.is_inference() else t._version), t.data_ptr(), tuple(t.shape)
+
+
 class BatchState:
     """Cached forward pass of one batch and the products on it (unnormalised: one batch's loss).
 
@@ -60,7 +67,7 @@ class BatchState:
 
     def __init__(self, model: nn.Module, loss_func, params: List[Tensor], layers, X, y):
         self.loss_func, self.params, self.y = loss_func, params, y
-        self._input_keys = [(t, t._version, t.data_ptr()) for t in _tensors(X) + _tensors(y)]
+        self._input_keys = [(t, tensor_key(t)) for t in _tensors(X) + _tensors(y)]
         with torch.enable_grad(), cached_attention(), layer_norm_nodes(model), activation_nodes(model), \
                 _CallRecorder(layers) as rec:
             self.out = model(X)
@@ -74,7 +81,7 @@ class BatchState:
 
     def inputs_changed(self) -> bool:
         """Whether a tensor of this batch's ``(X, y)`` was changed in place since it was cached."""
-        return any(t._version != v or t.data_ptr() != p for t, v, p in self._input_keys)
+        return any(tensor_key(t) != k for t, k in self._input_keys)
 
     @staticmethod
     def _grads(outputs, inputs, grad_outputs, batched: bool) -> List[Optional[Tensor]]:
