@@ -187,21 +187,19 @@ def _accumulate(parts) -> Tensor:
     return total
 
 
-def _take(T: Tensor, rows: Tensor, cols: Tensor, out: Tensor, out_rows=None, out_cols=None, step: int = 256):
-    """``out[out_rows, out_cols] = T2[rows, cols]`` for the 4-D group tensor ``T [a1, c1, a2, c2]``
-    read as ``T2 [a1 c1, a2 c2]`` (possibly a non-contiguous view), a few rows at a time so that no
-    index or copy the size of the block is made. ``out_rows``/``out_cols`` ``None``: all, in order."""
+def _take(T: Tensor, rows: Tensor, cols: Tensor, out: Tensor, at=None, step: int = 256):
+    """``out = T2[rows, cols]``, or ``out[at[0], at[1]] = T2[rows, cols]``, for the 4-D group tensor
+    ``T [a1, c1, a2, c2]`` read as ``T2 [a1 c1, a2 c2]`` (possibly a non-contiguous view), a few rows
+    at a time so that no index or copy the size of the block is made."""
     c1, a2, c2 = T.shape[1:]
     cols_a, cols_c = cols // c2, cols % c2
     for i in range(0, len(rows), step):
         r = rows[i:i + step]
         chunk = T[r // c1, r % c1][:, cols_a, cols_c]  # [rows, len(cols)]
-        if out_rows is None and out_cols is None:
+        if at is None:
             out[i:i + step] = chunk
         else:
-            pos_r = torch.arange(i, i + len(r)) if out_rows is None else out_rows[i:i + step]
-            pos_c = torch.arange(out.shape[1]) if out_cols is None else out_cols
-            out[pos_r[:, None], pos_c[None, :]] = chunk
+            out[at[0][i:i + step, None], at[1][None, :]] = chunk
 
 
 class HessianBlocks(Mapping):
@@ -394,8 +392,7 @@ class HessianBlocks(Mapping):
             ref = self.factors.loss.r
             parts[p] = ref.new_empty(len(loc_r), len(loc_c)) if one else ref.new_zeros(len(loc_r), len(loc_c))
             for (g1, g2), (ri_pos, ri_loc, ci_pos, ci_loc) in index.items():
-                _take(self.group_part(g1, g2, p), ri_loc, ci_loc, parts[p], None if one else ri_pos,
-                      None if one else ci_pos)
+                _take(self.group_part(g1, g2, p), ri_loc, ci_loc, parts[p], None if one else (ri_pos, ci_pos))
         return Block(parts["outer"], parts["functional"])
 
     def _positions(self, key):
