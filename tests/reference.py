@@ -158,3 +158,22 @@ class PlainAttention(nn.Module):
         z = torch.einsum("nhij,nhjd->nhid", a, v).permute(0, 2, 1, 3).reshape(n, l, e)
         out = z @ self.out_proj_weight.T
         return out if self.out_proj_bias is None else out + self.out_proj_bias
+
+
+class OneHotEmbedding(nn.Module):
+    """An ``nn.Embedding`` as a bias-free ``nn.Linear`` with the same weights (for tools that handle
+    ``nn.Linear`` but not embeddings). ``one_hot_input``: ``X`` is already one-hot ``[N, L, V]``;
+    else token ids, encoded here."""
+
+    def __init__(self, emb: nn.Embedding, one_hot_input: bool = False):
+        super().__init__()
+        w = emb.weight
+        self.lin = nn.Linear(emb.num_embeddings, emb.embedding_dim, bias=False, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            self.lin.weight.copy_(w.T)
+        self.one_hot_input = one_hot_input
+
+    def forward(self, X):
+        if not self.one_hot_input:
+            X = nn.functional.one_hot(X, self.lin.in_features).to(self.lin.weight.dtype)
+        return self.lin(X)

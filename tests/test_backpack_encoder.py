@@ -30,7 +30,7 @@ import backpack_attention.extensions as E
 from backpack.custom_module.slicing import Slicing
 from backpack_attention.backpack_ext import extend
 from backpack_attention.backpack_ext.encoder import Encoder, EncoderLayer, TokenMean, convert_encoders
-from reference import dense_hessian_double_backward, rel_error
+from reference import OneHotEmbedding, dense_hessian_double_backward, rel_error
 
 DT = torch.float64
 # batch, length, vocabulary, classes, width, heads, feed-forward width
@@ -95,19 +95,6 @@ class PackedLinearAttention(nn.Module):
             s = s.masked_fill(m, float("-inf")) if m.dtype == torch.bool else s + m
         z = (s.softmax(-1) @ Vv).transpose(1, 2).reshape(n, l, e)
         return self.out_proj(z), None
-
-
-class OneHotEmbedding(nn.Module):
-    """An ``nn.Embedding`` as a bias-free ``nn.Linear`` on one-hot tokens."""
-
-    def __init__(self, emb: nn.Embedding):
-        super().__init__()
-        self.lin = nn.Linear(emb.num_embeddings, emb.embedding_dim, bias=False, dtype=DT)
-        with torch.no_grad():
-            self.lin.weight.copy_(emb.weight.T)
-
-    def forward(self, X):
-        return self.lin(F.one_hot(X, V).to(DT))
 
 
 class Problem:

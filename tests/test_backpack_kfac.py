@@ -32,6 +32,7 @@ from backpack_attention.backpack_ext import extend
 from backpack_attention.models import TinyTransformer
 from backpack_attention.module import MultiheadSelfAttention
 from cases import C, D, DT, lm_problem
+from reference import OneHotEmbedding
 
 # BackPACK's converter warns about the mask buffers (get_attr nodes); they carry no gradient
 pytestmark = pytest.mark.filterwarnings("ignore:Encountered node that may break:UserWarning")
@@ -62,21 +63,10 @@ class LinearProjAttention(nn.Module):
         return self.out_proj(z)
 
 
-class OneHotEmbedding(nn.Module):
-    def __init__(self, emb: nn.Embedding):
-        super().__init__()
-        self.lin = nn.Linear(emb.num_embeddings, emb.embedding_dim, bias=False, dtype=DT)
-        with torch.no_grad():
-            self.lin.weight.copy_(emb.weight.T)
-
-    def forward(self, X):
-        return self.lin(X)  # X is one-hot [N, L, C]
-
-
 def twin(model: TinyTransformer) -> TinyTransformer:
     """The same network with curvlinops-visible layers only (shares nothing with ``model``)."""
     t = copy.deepcopy(model)
-    t.embed = OneHotEmbedding(model.embed)
+    t.embed = OneHotEmbedding(model.embed, one_hot_input=True)
     for b_t, b in zip(t.blocks, model.blocks):
         b_t.attn = LinearProjAttention(b.attn)
     return t
